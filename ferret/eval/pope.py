@@ -1,0 +1,152 @@
+"""POPE object hallucination: yes/no questions about objects, scored by accuracy, precision, recall, F1, yes-ratio.
+
+Questions come from the POPE jsonl files (``coco_pope_{random,popular,adversarial}.json``), one object per line:
+``{question_id, image, text, label}`` with label "yes" or "no". Predictions are JSON lines with the answer in
+``answer`` (the original's field) or ``text``, and ``question_id`` when written by this project's inference.
+
+Deciding yes/no from a free-form answer, on its first sentence only (up to the first ``.``, ``!``, ``?`` or
+newline):
+
+1. an answer whose first word is "yes" is yes, one whose first word is "no" is no;
+2. otherwise it is no when the sentence holds a negation word (``no``, ``not``, ``never``, ``cannot`` or an
+   ``n't`` contraction, matched as whole words), else yes.
+
+The original (``eval_pope.py``) split on spaces after dropping commas, so "No!" or "There isn't a dog" counted
+as yes, and "Yes, there is a dog, not a cat" as no; rule 1 and the word-boundary matching fix those.
+
+Alignment: by ``question_id`` when every prediction and every question has one; otherwise by order, and then
+the two lists must have the same length (ValueError otherwise). "yes" is the positive class.
+
+Command line::
+
+    python -m ferret.eval.pope score --predictions runs/pope_adversarial \\
+        --annotation-file data/pope/coco_pope_adversarial.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Any
+
+from ferret.eval.common import align, format_table, load_predictions, metrics_path, read_jsonl, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["confusion_metrics", "decide_yes_no", "main", "score_pope"]
+
+_FIRST_SENTENCE_END = re.compile(r"[.!?\n]")
+_WORD = re.compile(r"[a-z]+(?:['’][a-z]+)?")
+_NEGATIONS = {"no", "not", "never", "cannot"}
+
+
+def decide_yes_no(text: str) -> str:
+    """"yes" or "no" for a free-form answer (see the module docstring)."""
+    first = _FIRST_SENTENCE_END.split(text.strip(), maxsplit=1)[0].lower()
+    words = _WORD.findall(first)
+    if words and words[0] in ("yes", "no"):
+        return words[0]
+    if any(word in _NEGATIONS or word.endswith(("n't", "n’t")) for word in words):
+        return "no"
+    return "yes"
+
+
+def confusion_metrics(predicted: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 and yes-ratio with "yes" as positive, plus TP/FP/TN/FN.
+
+    A ratio with a zero denominator is 0.0.
+    """
+    if len(predicted) != len(labels):
+        raise ValueError(f"{len(predicted)} predictions but {len(labels)} labels")
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(predicted, labels))
+    fp = sum(p == "yes" and t == "no" for p, t in zip(predicted, labels))
+    tn = sum(p == "no" and t == "no" for p, t in zip(predicted, labels))
+    fn = sum(p == "no" and t == "yes" for p, t in zip(predicted, labels))
+    n = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": n,
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+        "TP": tp,
+        "FP": fp,
+        "TN": tn,
+        "FN": fn,
+    }
+
+
+def _label(record: dict[str, Any], index: int) -> str:
+    label = str(record.get("label", "")).strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"POPE question #{index} (question_id={record.get('question_id')}) has label "
+                         f"{record.get('label')!r}, expected 'yes' or 'no'")
+    return label
+
+
+def _answer(record: dict[str, Any]) -> str:
+    for field_name in ("answer", "text"):
+        if field_name in record:
+            return str(record[field_name])
+    raise ValueError(f"POPE prediction question_id={record.get('question_id')} has neither 'answer' nor 'text'")
+
+
+def score_pope(questions: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """POPE metrics of ``predictions`` against the labelled ``questions`` (see the module docstring)."""
+    by_id = all("question_id" in q for q in questions) and all("question_id" in p for p in predictions)
+    if by_id:
+        alignment = align(questions, predictions, lambda q: str(q["question_id"]), lambda p: str(p["question_id"]),
+                          "POPE question")
+        pairs = alignment.pairs
+        report = alignment.report()
+    else:
+        if len(questions) != len(predictions):
+            raise ValueError(
+                f"cannot align POPE predictions by order: {len(predictions)} predictions for {len(questions)} "
+                "questions (and not every record has a question_id)"
+            )
+        pairs = list(zip(questions, predictions))
+        report = {"evaluated": len(pairs), "missing": 0, "unexpected": 0, "duplicates": 0, "complete": True}
+    labels = [_label(q, i) for i, (q, _) in enumerate(pairs)]
+    predicted = [decide_yes_no(_answer(p)) for _, p in pairs]
+    metrics = confusion_metrics(predicted, labels)
+    return {
+        "benchmark": "pope",
+        "results": metrics,
+        "aligned_by": "question_id" if by_id else "order",
+        "alignment": report,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ferret.eval.pope", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="compute POPE metrics from a prediction file or folder")
+    score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
+    score.add_argument("--annotation-file", required=True, help="POPE questions jsonl with labels")
+    score.add_argument("--output", default=None, help="metrics JSON (default: <predictions>.metrics.json beside it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    metrics = score_pope(read_jsonl(args.annotation_file), load_predictions(args.predictions))
+    metrics["predictions"] = str(args.predictions)
+    metrics["annotation_file"] = str(args.annotation_file)
+    out = write_json(metrics, args.output or metrics_path(args.predictions))
+    r = metrics["results"]
+    print(format_table(
+        ["n", "accuracy", "precision", "recall", "F1", "yes ratio", "TP", "FP", "TN", "FN"],
+        [[r["n"], r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"],
+          r["TP"], r["FP"], r["TN"], r["FN"]]],
+    ))
+    print(f"metrics written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

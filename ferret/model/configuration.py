@@ -1,0 +1,122 @@
+"""FerretConfig: a LLaMA config plus the vision, projector and sampler fields of a Ferret checkpoint.
+
+Field names follow the original `config.json` (REFERENCE §1.9) so released checkpoints load unchanged. The
+sampler's structure constants, hard-coded in the original, are typed fields here whose defaults are the
+original's. `region_feature_axes` records where region features are read (DESIGN contract 2):
+
+* ``"xy"``: at the region's own location (the correct read; the default for new models);
+* ``"transposed"``: mirrored across the image diagonal, as the original code reads them. A config.json without
+  the field was written by the original code, so it loads as ``"transposed"`` and its weights keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from ferret.constants import DEFAULT_VISION_TOWER
+
+REGION_FEATURE_AXES = ("xy", "transposed")
+POOLER_MODES = ("max", "mean")
+
+
+@strict
+class FerretConfig(LlamaConfig):
+    """Configuration of a Ferret model (LLaMA decoder + CLIP tower + projector + spatial-aware sampler).
+
+    Fields beyond LLaMA's:
+        mm_vision_tower: hub id or local folder of the CLIP vision model (``vision_tower`` is read too).
+        mm_hidden_size: width of the CLIP features (1024 for ViT-L/14).
+        mm_vision_select_layer: hidden state taken from the tower (-2 = penultimate).
+        mm_vision_select_feature: ``"patch"`` drops CLS, ``"cls_patch"`` keeps it.
+        region_geo_sampler: region features come from the spatial-aware visual sampler.
+        sampler_pooler_mode: ``"max"`` (the released recipe) or ``"mean"`` pooling over neighbours.
+        sampler_num_init_point / sampler_num_sub_point / sampler_num_neighbor: the sampler's sizes.
+        im_region_fea_token: token id of ``<region_fea>`` (32000 on Vicuna's 32000-token vocabulary).
+        region_feature_axes: ``"xy"`` or ``"transposed"`` (see the module docstring).
+        sampler_eval_seed: seed of the sampler's deterministic mode (evaluation and serving).
+        vision_config: optional CLIP vision config (dict) used to build a randomly initialised tower when no
+            weights are available, e.g. for tiny models; it also describes a saved ``vision_tower/``.
+        image_size: side of the square model input in pixels; taken from ``vision_config`` when that is given.
+    """
+
+    model_type = "ferret"
+
+    vocab_size: int = 32001  # Vicuna's 32000 + <region_fea>
+    mm_vision_tower: str | None = DEFAULT_VISION_TOWER
+    mm_hidden_size: int = 1024
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    region_geo_sampler: bool = True
+    sampler_pooler_mode: str = "max"
+    sampler_num_init_point: int = 512
+    sampler_num_sub_point: list[int] | tuple[int, ...] = (128, 32)
+    sampler_num_neighbor: list[int] | tuple[int, ...] = (24, 24)
+    im_region_fea_token: int | None = 32000
+    add_region_feature: bool = True
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    image_aspect_ratio: str = "square_nocrop"
+    sampler_eval_seed: int = 0
+    region_feature_axes: str = "xy"
+    vision_config: dict | None = None
+    image_size: int | None = None
+    use_mm_proj: bool = True
+
+    def __post_init__(self, **kwargs: Any):
+        # The original stores the tower under either name.
+        legacy_tower = kwargs.pop("vision_tower", None)
+        if self.mm_vision_tower is None:
+            self.mm_vision_tower = legacy_tower
+        if isinstance(self.vision_config, CLIPVisionConfig):
+            self.vision_config = self.vision_config.to_dict()
+        if self.image_size is None:
+            self.image_size = int(self.vision_config["image_size"]) if self.vision_config else 336
+        self.sampler_num_sub_point = [int(v) for v in self.sampler_num_sub_point]
+        self.sampler_num_neighbor = [int(v) for v in self.sampler_num_neighbor]
+        if not self.architectures:
+            self.architectures = ["FerretLlamaForCausalLM"]
+        super().__post_init__(**kwargs)
+        self._validate_ferret_fields()
+
+    def _validate_ferret_fields(self) -> None:
+        if self.mm_vision_select_feature not in ("patch", "cls_patch"):
+            raise ValueError(
+                f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {self.mm_vision_select_feature!r}"
+            )
+        if self.sampler_pooler_mode not in POOLER_MODES:
+            raise ValueError(f"sampler_pooler_mode must be one of {POOLER_MODES}, got {self.sampler_pooler_mode!r}")
+        if self.region_feature_axes not in REGION_FEATURE_AXES:
+            raise ValueError(
+                f"region_feature_axes must be one of {REGION_FEATURE_AXES}, got {self.region_feature_axes!r}"
+            )
+        if len(self.sampler_num_sub_point) != len(self.sampler_num_neighbor):
+            raise ValueError(
+                "sampler_num_sub_point and sampler_num_neighbor need one entry per stage, got "
+                f"{self.sampler_num_sub_point} and {self.sampler_num_neighbor}"
+            )
+        if self.im_region_fea_token is not None and self.im_region_fea_token >= self.vocab_size:
+            raise ValueError(
+                f"im_region_fea_token {self.im_region_fea_token} is outside the vocabulary (vocab_size "
+                f"{self.vocab_size}); resize the embeddings after adding <region_fea> to the tokenizer"
+            )
+
+    @property
+    def num_patches_per_side(self) -> int:
+        patch = self.vision_config["patch_size"] if self.vision_config else 14
+        return self.image_size // patch
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many positions one image occupies in the LLM input."""
+        extra = 1 if self.mm_vision_select_feature == "cls_patch" else 0
+        return self.num_patches_per_side**2 + extra
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # A config.json without the field comes from the original code, whose weights expect the transposed read.
+        if "region_feature_axes" not in config_dict and "region_feature_axes" not in kwargs:
+            config_dict = {**config_dict, "region_feature_axes": "transposed"}
+        return super().from_dict(config_dict, **kwargs)

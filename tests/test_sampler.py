@@ -1,0 +1,392 @@
+"""Tests for ferret.model.sampler: the optimised sampler against the plain reference, geometry and contracts."""
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ferret.model.sampler import (
+    SpatialAwareVisualSampler,
+    canonical_point_order,
+    farthest_point_sample,
+    fps_start_index,
+    gather_points,
+    group_points,
+    knn_indices,
+    sample_features,
+    sample_region_points,
+)
+from sampler_reference import reference_forward, reference_initial_features
+
+SMALL = dict(input_dim=32, output_dim=48, num_init_point=64, num_sub_point=(16, 8), num_neighbor=(6, 6))
+
+
+def make_sampler(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return SpatialAwareVisualSampler(**{**SMALL, **overrides}).eval()
+
+
+def make_masks(seed, shapes_and_boxes):
+    """Random blobs inside boxes: [(H, W, (y0, y1, x0, x1), density), ...] -> list of bool [H, W]."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for height, width, (y0, y1, x0, x1), density in shapes_and_boxes:
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        mask[y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=g) < density
+        mask[y0, x0] = True
+        masks.append(mask)
+    return masks
+
+
+def small_batch(seed=0, channels=32, num_points=64):
+    """Two images (6x6 patch maps), four regions of mixed shapes: (feature_map, points, image_index)."""
+    g = torch.Generator().manual_seed(seed)
+    feature_map = torch.randn(2, 36, channels, generator=g)
+    masks = make_masks(
+        seed,
+        [
+            (40, 50, (5, 30, 10, 45), 0.5),  # more pixels than points: random subset
+            (40, 50, (20, 24, 0, 5), 1.0),  # 20 pixels: repeats, exact ties everywhere
+            (30, 30, (0, 30, 0, 30), 0.2),
+            (40, 50, (0, 40, 0, 50), 0.05),
+        ],
+    )
+    points = sample_region_points(masks, num_points, generator=g)
+    image_index = torch.tensor([0, 0, 1, 1])
+    return feature_map, points, image_index
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Structure
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_state_dict_matches_released_checkpoint_keys_and_shapes():
+    with torch.device("meta"):
+        sampler = SpatialAwareVisualSampler(input_dim=1024, output_dim=4096)
+    expected = {
+        "diff_projector_list.0.weight": (1026, 1026),
+        "diff_projector_list.0.bias": (1026,),
+        "diff_projector_list.1.weight": (1026, 1026),
+        "diff_projector_list.1.bias": (1026,),
+        "agg_projector_list.0.net.0.weight": (1024, 2052, 1),
+        "agg_projector_list.0.net.0.bias": (1024,),
+        "agg_projector_list.0.norm.weight": (1024,),
+        "agg_projector_list.0.norm.bias": (1024,),
+        "agg_projector_list.1.net.0.weight": (1024, 2052, 1),
+        "agg_projector_list.1.net.0.bias": (1024,),
+        "agg_projector_list.1.norm.weight": (1024,),
+        "agg_projector_list.1.norm.bias": (1024,),
+        "flatten_projector.weight": (1024, 32768),
+        "flatten_projector.bias": (1024,),
+        "dim_projector.weight": (4096, 1024),
+        "dim_projector.bias": (4096,),
+    }
+    assert {k: tuple(v.shape) for k, v in sampler.state_dict().items()} == expected
+    assert (sampler.num_init_point, sampler.num_sub_point, sampler.num_neighbor, sampler.pooler_mode) == (
+        512,
+        (128, 32),
+        (24, 24),
+        "max",
+    )
+
+
+def test_invalid_pooler_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="pooler_mode must be one of .*'median'"):
+        SpatialAwareVisualSampler(**SMALL, pooler_mode="median")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimised forward == plain reference
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooler_mode", ["max", "mean"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_forward_matches_reference(pooler_mode, transposed, deterministic):
+    sampler = make_sampler(pooler_mode=pooler_mode, transposed=transposed)
+    feature_map, points, image_index = small_batch()
+    with torch.no_grad():
+        out = sampler(feature_map, points, image_index, deterministic, torch.Generator().manual_seed(5))
+        ref = reference_forward(
+            sampler, feature_map, points, image_index, deterministic, torch.Generator().manual_seed(5)
+        )
+    assert out.shape == (4, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert ref.abs().max() > 0.1  # not trivially zero
+
+
+def test_gradients_match_reference():
+    sampler = make_sampler().train()
+    feature_map, points, image_index = small_batch(seed=1)
+    weights = torch.randn(4, 48, generator=torch.Generator().manual_seed(2))
+
+    def grads(forward):
+        sampler.zero_grad()
+        (forward(sampler, feature_map, points, image_index, deterministic=True) * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in sampler.named_parameters()}
+
+    ours = grads(SpatialAwareVisualSampler.__call__)
+    ref = grads(reference_forward)
+    assert ours.keys() == ref.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert ref[name].abs().max() > 0, name
+
+
+def test_forward_matches_reference_at_release_sizes():
+    torch.manual_seed(0)
+    sampler = SpatialAwareVisualSampler(input_dim=1024, output_dim=64).eval()
+    g = torch.Generator().manual_seed(3)
+    feature_map = torch.randn(1, 576, 1024, generator=g)
+    masks = make_masks(3, [(336, 336, (40, 200, 60, 300), 0.3), (336, 336, (250, 300, 0, 40), 0.2)])
+    points = sample_region_points(masks, 512, generator=g)
+    with torch.no_grad():
+        out = sampler(feature_map, points, torch.zeros(2, dtype=torch.long), deterministic=True)
+        ref = reference_forward(sampler, feature_map, points, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading the feature map
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sample_features_is_grid_sample_with_zero_padding(transposed):
+    g = torch.Generator().manual_seed(0)
+    feature_map = torch.randn(3, 49, 5, generator=g)
+    points = torch.rand(4, 30, 2, generator=g) * 1.2 - 0.1  # some outside [0, 1]: zeros padding
+    points[0, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # exact corners
+    image_index = torch.tensor([2, 0, 0, 1])
+    ours = sample_features(feature_map, points, image_index, transposed=transposed)
+    ref = reference_initial_features(feature_map, points, image_index, transposed)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    # The corners read exactly the corner patches (align_corners=True).
+    assert torch.equal(ours[0, 0], feature_map[2, 0])
+    assert torch.equal(ours[0, 1], feature_map[2, 48])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_read_location_correct_versus_transposed(transposed):
+    # A 24x24 map whose feature is its own (row, col); bilinear reading of a linear function is exact.
+    side = 24
+    grid = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    feature_map = torch.stack([rows, cols], dim=-1).reshape(1, side * side, 2)
+    mask = torch.zeros(336, 336, dtype=torch.bool)
+    mask[250:300, 0:40] = True  # x in [0, 40), y in [250, 300) of a 336x336 image
+    points = sample_region_points([mask], 512, generator=torch.Generator().manual_seed(0))
+    x_norm, y_norm = points[0, :, 0], points[0, :, 1]
+    assert x_norm.max() < 40 / 336 and y_norm.min() >= 250 / 336
+
+    feats = sample_features(feature_map, points, torch.zeros(1, dtype=torch.long), transposed=transposed)[0]
+    row, col = feats[:, 0], feats[:, 1]
+    if transposed:  # the original: row = x, col = y (REFERENCE 1.5: column ~18.8, row ~1.3)
+        torch.testing.assert_close(row, x_norm * (side - 1))
+        torch.testing.assert_close(col, y_norm * (side - 1))
+        assert abs(col.mean() - 18.8) < 0.15 and abs(row.mean() - 1.3) < 0.15
+    else:  # at the region: row ~ y / 14, col ~ x / 14
+        torch.testing.assert_close(row, y_norm * (side - 1))
+        torch.testing.assert_close(col, x_norm * (side - 1))
+        assert abs(row.mean() - 18.8) < 0.15 and abs(col.mean() - 1.3) < 0.15
+        assert row.min() >= 250 / 14 - 1 and row.max() <= 300 / 14 and col.max() <= 40 / 14
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Point-cloud hierarchy
+# ------------------------------------------------------------------------------------------------------------
+
+
+def plain_fps(points, num_samples, start):
+    """One region, Python loop: points [P, 2] -> list of indices."""
+    chosen = [int(start)]
+    nearest = ((points - points[start]) ** 2).sum(-1)
+    for _ in range(num_samples - 1):
+        nxt = int(torch.argmax(nearest))
+        chosen.append(nxt)
+        nearest = torch.minimum(nearest, ((points - points[nxt]) ** 2).sum(-1))
+    return chosen
+
+
+def test_farthest_point_sample_matches_a_plain_loop():
+    points = torch.rand(3, 50, 2, generator=torch.Generator().manual_seed(0))
+    start = torch.tensor([0, 17, 49])
+    got = farthest_point_sample(points, 12, start)
+    for r in range(3):
+        assert got[r].tolist() == plain_fps(points[r], 12, start[r])
+    assert all(len(set(row)) == 12 for row in got.tolist())
+
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(2, 40, 2, generator=g)
+    queries = torch.rand(2, 7, 2, generator=g)
+    got = knn_indices(queries, points, 5)
+    dist = ((queries[:, :, None] - points[:, None]) ** 2).sum(-1)
+    assert torch.equal(got, dist.argsort(dim=-1)[..., :5])
+
+
+def test_group_points_indexes_each_stage_and_starts_near_the_centroid():
+    points = torch.rand(2, 64, 2, generator=torch.Generator().manual_seed(2))
+    plan = group_points(points, (16, 8), (6, 4), deterministic=True)
+    assert [tuple(p.anchor_index.shape) for p in plan] == [(2, 16), (2, 8)]
+    assert [tuple(p.neighbor_index.shape) for p in plan] == [(2, 16, 6), (2, 8, 4)]
+    assert int(plan[1].neighbor_index.max()) < 16 and int(plan[1].anchor_index.max()) < 16
+    centroid = points.mean(1, keepdim=True)
+    assert torch.equal(plan[0].anchor_index[:, 0], ((points - centroid) ** 2).sum(-1).argmin(1))
+    # each anchor is its own nearest neighbour
+    assert torch.equal(plan[0].neighbor_index[..., 0], plan[0].anchor_index)
+    with pytest.raises(ValueError, match="stage 1: 20 anchors"):
+        group_points(points, (16, 20), (6, 4))
+
+
+def test_deterministic_mode_ignores_point_order():
+    sampler = make_sampler()
+    feature_map, points, image_index = small_batch(seed=4)
+    perm = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(r)) for r in range(4)])
+    shuffled = gather_points(points, perm)
+    assert not torch.equal(shuffled, points)
+
+    plan_a = group_points(points, (16, 8), (6, 6), deterministic=True)
+    plan_b = group_points(shuffled, (16, 8), (6, 6), deterministic=True)
+    assert torch.equal(gather_points(points, plan_a[0].anchor_index), gather_points(shuffled, plan_b[0].anchor_index))
+    canonical = gather_points(points, canonical_point_order(points))
+    assert torch.equal(canonical, gather_points(shuffled, canonical_point_order(shuffled)))
+    x, y = canonical[..., 0], canonical[..., 1]
+    assert (x[:, 1:] >= x[:, :-1]).all() and ((x[:, 1:] > x[:, :-1]) | (y[:, 1:] >= y[:, :-1])).all()
+    with torch.no_grad():
+        out_a = sampler(feature_map, points, image_index, deterministic=True)
+        out_b = sampler(feature_map, shuffled, image_index, deterministic=True)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-6)
+
+
+def test_seeded_generator_makes_sampling_and_forward_reproducible():
+    masks = make_masks(0, [(40, 50, (5, 30, 10, 45), 0.5), (30, 30, (0, 30, 0, 30), 0.02)])
+
+    def points(seed):
+        return sample_region_points(masks, 64, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(points(7), points(7))
+    assert not torch.equal(points(7), points(8))
+
+    sampler = make_sampler()
+    feature_map = torch.randn(1, 36, 32, generator=torch.Generator().manual_seed(0))
+    index = torch.zeros(2, dtype=torch.long)
+
+    def forward(seed):
+        with torch.no_grad():
+            return sampler(feature_map, points(7), index, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(forward(1), forward(1))
+    starts = {int(fps_start_index(points(7), generator=torch.Generator().manual_seed(s))[0]) for s in range(5)}
+    assert len(starts) > 1  # random starts really are random across seeds
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dtypes and batching
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_stays_close_to_fp32(dtype):
+    sampler = make_sampler()
+    feature_map, points, image_index = small_batch(seed=5)
+    half = copy.deepcopy(sampler).to(dtype)
+    with torch.no_grad():
+        full = sampler(feature_map, points, image_index, deterministic=True)
+        low = half(feature_map.to(dtype), points, image_index, deterministic=True)
+    assert low.dtype == dtype
+    assert torch.isfinite(low).all()
+    rel = (low.float() - full).norm() / full.norm()
+    assert rel < 2e-2, f"{dtype}: relative error {rel:.4f}"
+
+
+def test_batch_with_uneven_region_counts_equals_each_region_alone():
+    sampler = make_sampler()
+    g = torch.Generator().manual_seed(6)
+    feature_map = torch.randn(2, 36, 32, generator=g)
+    masks = make_masks(6, [(20, 20, (0, 10, 0, 10), 0.8), (20, 20, (5, 20, 5, 20), 0.3), (20, 20, (0, 20, 0, 5), 0.9)])
+    points = sample_region_points(masks, 64, generator=g)
+    image_index = torch.tensor([1, 0, 1])  # image 0 has one region, image 1 two
+    with torch.no_grad():
+        together = sampler(feature_map, points, image_index, deterministic=True)
+        alone = torch.cat(
+            [
+                sampler(feature_map[i : i + 1], points[r : r + 1], torch.zeros(1, dtype=torch.long), deterministic=True)
+                for r, i in enumerate(image_index.tolist())
+            ]
+        )
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_forward_validates_inputs_and_handles_no_regions():
+    sampler = make_sampler()
+    feature_map, points, image_index = small_batch()
+    assert sampler(feature_map, points[:0], image_index[:0]).shape == (0, 48)
+    with pytest.raises(ValueError, match=r"feature_map must be \[B, N, 32\]"):
+        sampler(feature_map[..., :16], points, image_index)
+    with pytest.raises(ValueError, match="square number"):
+        sampler(feature_map[:, :35], points, image_index)
+    with pytest.raises(ValueError, match=r"image_index values must lie in \[0, 2\)"):
+        sampler(feature_map, points, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="stage 0: 16 anchors"):
+        sampler(feature_map, points[:, :10], image_index)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Masks -> points
+# ------------------------------------------------------------------------------------------------------------
+
+
+def pixels_of(points, height, width):
+    """points [P, 2] normalised -> (rows, cols) long, checking they are exact pixel indices."""
+    cols = points[:, 0] * width
+    rows = points[:, 1] * height
+    torch.testing.assert_close(cols, cols.round(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows, rows.round(), rtol=0, atol=1e-4)
+    return rows.round().long(), cols.round().long()
+
+
+def test_sample_region_points_subsets_repeats_and_keeps_order_across_shapes():
+    big = torch.zeros(30, 40, dtype=torch.bool)
+    big[2:30, 3:40] = True  # 1036 pixels > 64
+    small = torch.zeros(20, 10, dtype=torch.bool)
+    small[4, 2:7] = True  # 5 pixels < 64
+    exact = torch.zeros(30, 40, dtype=torch.bool)
+    exact[0:8, 0:8] = True  # exactly 64
+    masks = [big, small, exact.numpy(), small.clone()]
+    points = sample_region_points(masks, 64, generator=torch.Generator().manual_seed(0))
+    assert points.shape == (4, 64, 2) and points.dtype == torch.float32
+    assert (points >= 0).all() and (points < 1).all()
+
+    for r, mask in enumerate([big, small, exact, small]):
+        rows, cols = pixels_of(points[r], *mask.shape)
+        assert mask[rows, cols].all(), f"region {r} has points outside its mask"
+        pixel_ids = set((rows * mask.shape[1] + cols).tolist())
+        if r == 0:
+            assert len(pixel_ids) == 64  # a subset without repeats
+        else:
+            assert pixel_ids == set(mask.flatten().nonzero()[:, 0].tolist())  # every pixel is present
+    # x is the column divided by the width, y the row divided by the height
+    assert set(points[1, :, 1].tolist()) == {torch.tensor(4 / 20).item()}
+    assert set(points[1, :, 0].tolist()) == set(torch.arange(2, 7).div(10).tolist())
+
+
+def test_sample_region_points_rejects_bad_masks_by_index():
+    ok = torch.ones(4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="region mask 1 is empty"):
+        sample_region_points([ok, torch.zeros(4, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="region mask 2 is empty"):
+        sample_region_points([ok, torch.ones(3, 5, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="region mask 0: expected a 2-D bool tensor"):
+        sample_region_points([ok.float()])
+    with pytest.raises(ValueError, match="region mask 1: expected a 2-D bool tensor"):
+        sample_region_points([ok, ok[None]])
+    assert sample_region_points([], 8).shape == (0, 8, 2)
