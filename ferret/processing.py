@@ -183,9 +183,11 @@ class FerretProcessor:
             canvas.paste(image, (frame.left, frame.top))
             image = canvas
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-        pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+        # (x / 255 - mean) / std, folded into one multiply-add per channel
+        scale = 1.0 / (255.0 * torch.tensor(self.image_std))
+        shift = -torch.tensor(self.image_mean) / torch.tensor(self.image_std)
+        return pixels.mul_(scale[:, None, None]).add_(shift[:, None, None]).contiguous()
 
     # ------------------------------------------------------------------ text and regions
     def format_turn(self, text: str, turn_regions: Sequence[R.Region], frame: Frame, is_user: bool,
@@ -424,6 +426,18 @@ class FerretProcessor:
         batch.pop("labels")
         batch["image_sizes"] = [f["image_size"] for f in features]
         return batch
+
+    @staticmethod
+    def model_inputs(batch: dict[str, Any], model) -> dict[str, Any]:
+        """The model's keyword arguments from a batch, on the model's device (images in its dtype)."""
+        device, dtype = model.device, model.dtype
+        out = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
+        if batch.get("labels") is not None:
+            out["labels"] = batch["labels"].to(device)
+        if batch.get("images") is not None:
+            out["images"] = batch["images"].to(device=device, dtype=dtype)
+        out["region_masks"] = batch.get("region_masks")
+        return out
 
     # ------------------------------------------------------------------ output
     def batch_decode(self, sequences: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:

@@ -169,10 +169,15 @@ class FreeForm:
             raise ValueError(f"RLE 'size' must be [h, w] with positive integers, got {size!r}")
         h, w = int(size[0]), int(size[1])
         counts = rle["counts"]
-        if isinstance(counts, str):
-            encoded = {"size": [h, w], "counts": counts.encode("ascii")}
-        elif isinstance(counts, bytes):
-            encoded = {"size": [h, w], "counts": counts}
+        if isinstance(counts, (str, bytes)):
+            raw = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            # pycocotools decodes runs that do not cover the image into uninitialised memory: check them first.
+            runs = _rle_runs(raw)
+            if runs.min() < 0 or int(runs.sum()) != h * w:
+                raise ValueError(
+                    f"RLE runs cover {int(runs.sum())} pixels (smallest run {int(runs.min())}), expected h*w = {h * w}"
+                )
+            encoded = {"size": [h, w], "counts": raw}
         elif isinstance(counts, (list, tuple)):
             if sum(int(c) for c in counts) != h * w:
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
@@ -196,6 +201,35 @@ class FreeForm:
 
         encoded = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
         return {"size": [self.height, self.width], "counts": encoded["counts"].decode("ascii")}
+
+
+def _rle_runs(counts: bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string (the format pycocotools writes), int64 [M].
+
+    Each number is a little-endian sequence of 5-bit groups offset by 48 ('0'); bit 0x20 marks "more follows",
+    bit 0x10 of the last group is the sign; from the third number on, each is a difference to the one two places
+    earlier. Raises ValueError for characters outside the alphabet or a string that ends inside a number.
+    """
+    raw = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if raw.size == 0:
+        raise ValueError("the RLE counts string is empty")
+    if raw.min() < 0 or raw.max() > 63:
+        raise ValueError("the RLE counts string has characters outside '0'..'o'")
+    ends = (raw & 0x20) == 0
+    if not ends[-1]:
+        raise ValueError("the RLE counts string ends inside a number")
+    starts = np.flatnonzero(np.concatenate(([True], ends[:-1])))
+    lengths = np.diff(np.append(starts, raw.size))
+    if lengths.max() > 7:  # 7 x 5 bits cover any count of a 2^32-pixel mask
+        raise ValueError("the RLE counts string has a number longer than 7 characters")
+    position = np.arange(raw.size) - np.repeat(starts, lengths)
+    values = np.add.reduceat((raw & 0x1F) << (5 * position), starts)
+    negative = (raw[starts + lengths - 1] & 0x10) != 0
+    values[negative] -= np.left_shift(np.int64(1), 5 * lengths[negative])
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    return runs
 
 
 Region = Union[Point, Box, FreeForm]

@@ -8,7 +8,7 @@ from PIL import Image
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ferret.conversation import FERRET_SYSTEM, get_template
 from ferret.processing import FerretProcessor
-from ferret.regions import Box, FreeForm, Point
+from ferret.regions import Box, FreeForm, Point, strip_regions
 
 
 def _image(w=200, h=100, colour=(200, 30, 30)):
@@ -190,3 +190,15 @@ def test_encode_prompt_matches_encode(processor):
     assert torch.equal(raw["input_ids"], via_turns["input_ids"])
     with pytest.raises(ValueError, match="1 <region_fea> but 0 mask"):
         processor.encode_prompt(conv.get_prompt(), image, [])
+
+
+def test_readme_inference_snippet(model, processor):
+    image = _image(120, 90)
+    batch = processor(image, "What is <region0> doing?", regions=[[Box(12, 4, 30, 40)]])
+    output = model.generate(**processor.model_inputs(batch, model), max_new_tokens=4, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    answer = processor.decode(output[0])
+    text, grounded = processor.post_process(answer, image.size)
+    assert output.shape[0] == 1 and 1 <= output.shape[1] <= 4
+    assert text == strip_regions(answer)
+    assert all(isinstance(g.region, (Box, Point)) for g in grounded)

@@ -426,3 +426,19 @@ def test_rle_known_values_and_errors():
         FreeForm.from_rle({"size": [2, 3], "counts": [3, 2]})
     with pytest.raises(ValueError, match="counts"):
         FreeForm.from_rle({"size": [2, 3], "counts": 5})
+
+
+def test_rle_runs_are_checked_before_decoding():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(1, 40, size=2))
+        mask = rng.random((h, w)) < rng.random()
+        rle = FreeForm(mask).to_rle() if mask.any() else None
+        if rle is not None:
+            assert np.array_equal(FreeForm.from_rle(rle).mask, mask)
+    # pycocotools would "decode" these into uninitialised memory without complaint
+    for counts in ("0", "1", "00"):
+        with pytest.raises(ValueError, match="cover"):
+            FreeForm.from_rle({"size": [4, 4], "counts": counts})
+    with pytest.raises(ValueError, match="alphabet|outside"):
+        FreeForm.from_rle({"size": [4, 4], "counts": "~~"})

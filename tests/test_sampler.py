@@ -379,6 +379,17 @@ def test_sample_region_points_subsets_repeats_and_keeps_order_across_shapes():
     assert set(points[1, :, 0].tolist()) == set(torch.arange(2, 7).div(10).tolist())
 
 
+def test_sample_region_points_seed_mode_depends_only_on_the_mask():
+    masks = make_masks(9, [(30, 40, (0, 30, 0, 40), 0.5), (30, 40, (10, 12, 5, 9), 1.0), (20, 20, (0, 20, 0, 20), 0.5)])
+    together = sample_region_points(masks, 64, seed=3)
+    alone = sample_region_points([masks[1]], 64, seed=3)
+    assert torch.equal(together[1], alone[0])  # the batch around a region does not change its points
+    assert torch.equal(together, sample_region_points(masks, 64, seed=3))
+    assert not torch.equal(together[0], sample_region_points(masks, 64, seed=4)[0])
+    rows, cols = pixels_of(together[0], 30, 40)
+    assert masks[0][rows, cols].all() and len(set((rows * 40 + cols).tolist())) == 64
+
+
 def test_sample_region_points_rejects_bad_masks_by_index():
     ok = torch.ones(4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="region mask 1 is empty"):

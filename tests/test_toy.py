@@ -19,10 +19,10 @@ from ferret.data.toy import (  # noqa: E402
     TASKS,
     WorldConfig,
     make_world,
-    rle_to_mask,
     train_toy_tokenizer,
     world_corpus,
 )
+from ferret.regions import FreeForm  # noqa: E402
 
 SIZES = {"train": 30, "val": 10, "test": 10}
 PLACEHOLDER = re.compile(r"<bbox_location(\d+)>")
@@ -125,7 +125,7 @@ def test_boxes_are_tight_around_visible_pixels_of_the_right_colour(world, record
             for box, rle in zip(r["box_x1y1x2y2"][turn], r["masks"][turn]):
                 x1, y1, x2, y2 = box
                 assert 0 <= x1 <= x2 < r["image_w"] and 0 <= y1 <= y2 < r["image_h"], (r["id"], box)
-                mask = rle_to_mask(rle)
+                mask = FreeForm.from_rle(rle).mask
                 assert rle["size"] == [r["image_h"], r["image_w"]] and isinstance(rle["counts"], str)
                 assert mask.shape == (r["image_h"], r["image_w"])
                 assert _tight_box(mask) == box, (r["id"], turn, box)
@@ -146,7 +146,7 @@ def test_describe_masks_are_exactly_the_painted_pixels(world, records):
         union: dict[str, np.ndarray] = {}
         for box, rle in zip(r["box_x1y1x2y2"][1], r["masks"][1]):
             (obj,) = [o for o in r["objects"] if o["box"] == box]
-            mask = rle_to_mask(rle)
+            mask = FreeForm.from_rle(rle).mask
             union[obj["color"]] = union.get(obj["color"], np.zeros_like(mask)) | mask
         for color, mask in union.items():
             painted = (image == COLOR_RGB[color]).all(axis=-1)

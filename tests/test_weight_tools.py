@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,11 @@ from ferret.model import apply_delta as apply_delta_module  # noqa: E402
 from ferret.model.apply_delta import RELEASED_MULTIMODAL_NAMES, DeltaError, apply_delta, plan_delta  # noqa: E402
 from ferret.model.checkpoint import (  # noqa: E402
     SAFETENSORS_INDEX_NAME,
+    CheckpointError,
     CheckpointReader,
     ShardedSafetensorsWriter,
     TensorSpec,
+    exit_cleanly_on_sigterm,
     parse_size,
     plan_shards,
 )
@@ -210,7 +213,7 @@ def test_make_delta_then_apply_delta_round_trips(tmp_path, models):
         ("model.layers.1.mlp.up_proj.weight", (FFN, H + 1), "model.layers.1.mlp.up_proj.weight has shape [12, 9]"),
         ("model.embed_tokens.weight", (VOCAB + 1, H + 1), "[32001, 9] in the delta"),
         ("lm_head.weight", (VOCAB - 1, H), "[31999, 8] in the delta"),
-        ("model.vision_resampler.weight", (H, H), "model.vision_resampler.weight [8, 8] of the delta is not in the base"),
+        ("model.resampler.weight", (H, H), "model.resampler.weight [8, 8] of the delta is not in the base"),
     ],
 )
 def test_mismatched_delta_is_refused_and_writes_nothing(tmp_path, models, name, shape, message):
@@ -224,11 +227,12 @@ def test_mismatched_delta_is_refused_and_writes_nothing(tmp_path, models, name, 
     if name in models["base"]:
         assert f"{list(models['base'][name].shape)} in the base" in str(err.value)
     assert leftovers(tmp_path, "target") == []
-    assert apply_delta_module.main(["--base", str(base), "--target", str(tmp_path / "target"), "--delta", str(delta)]) == 1
+    argv = ["--base", str(base), "--target", str(tmp_path / "target"), "--delta", str(delta)]
+    assert apply_delta_module.main(argv) == 1
     assert leftovers(tmp_path, "target") == []
 
 
-@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize("failure", ["error", "ctrl-c", "sigterm"])
 def test_interrupted_write_leaves_nothing(tmp_path, models, monkeypatch, failure):
     base = write_checkpoint(tmp_path / "base", models["base"])
     delta = write_checkpoint(tmp_path / "delta", models["delta"])
@@ -237,15 +241,33 @@ def test_interrupted_write_leaves_nothing(tmp_path, models, monkeypatch, failure
 
     def failing_write(self, name, tensor):
         calls.append(name)
-        if len(calls) == 10:
-            raise failure
+        if len(calls) == 10:  # by now several shards are complete on disk and one is half written
+            if failure == "error":
+                raise OSError("No space left on device")
+            if failure == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         real_write(self, name, tensor)
 
     monkeypatch.setattr(ShardedSafetensorsWriter, "write", failing_write)
-    with pytest.raises(type(failure)):
-        apply_delta(base, tmp_path / "target", delta, max_shard_size=50_000)
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_cleanly_on_sigterm()  # as the CLIs do
+    try:
+        with pytest.raises({"error": OSError, "ctrl-c": KeyboardInterrupt, "sigterm": SystemExit}[failure]):
+            apply_delta(base, tmp_path / "target", delta, max_shard_size=50_000)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert len(calls) == 10
     assert leftovers(tmp_path, "target") == []
+
+
+def test_reader_names_a_missing_shard(tmp_path, models):
+    folder = write_checkpoint(tmp_path / "model", models["base"], "safetensors", 2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names the shard model-00002-of-00002.safetensors, which is missing"):
+        CheckpointReader(folder)
+    with pytest.raises(CheckpointError, match="no weights in"):
+        CheckpointReader(tmp_path)
 
 
 def test_existing_target_is_refused_unless_overwrite(tmp_path, models):
@@ -342,3 +364,32 @@ def test_writer_plans_shards_and_checks_its_input(tmp_path):
     writer.write("t0", torch.arange(10, dtype=torch.float16))
     with pytest.raises(ValueError, match="1 planned tensors were never written, starting with t1"):
         writer.close()
+
+
+def test_rebuilt_model_loads_with_the_core_loader_and_generates(tmp_path, model, processor):
+    """A Ferret checkpoint -> delta against a LLaMA-only base (one row fewer) -> apply_delta -> load_pretrained_model."""
+    from PIL import Image
+
+    from ferret.model.builder import load_pretrained_model
+    from ferret.regions import Box
+
+    target = tmp_path / "target"
+    model.save_pretrained(target, save_vision_tower=True)
+    processor.save_pretrained(target)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()
+                  if "mm_projector" not in k and "region_geo_sampler" not in k}
+    base_state["model.embed_tokens.weight"] = base_state["model.embed_tokens.weight"][:-1] * 0.5
+    base_state["lm_head.weight"] = base_state["lm_head.weight"][:-1] - 0.25
+    write_checkpoint(tmp_path / "base", {k: v.contiguous() for k, v in base_state.items()})
+    make_delta(tmp_path / "base", target, tmp_path / "delta", dtype="float32")
+    apply_delta(tmp_path / "base", tmp_path / "rebuilt", tmp_path / "delta", vision_tower_path=target / "vision_tower")
+
+    rebuilt, rebuilt_processor = load_pretrained_model(str(tmp_path / "rebuilt"), device="cpu")
+    for name, tensor in model.state_dict().items():
+        # (target - base) + base is exact up to one float32 rounding step.
+        assert torch.allclose(rebuilt.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    batch = rebuilt_processor(image, "What is <region0>?", regions=[[Box(4, 4, 40, 30)]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    expected = model.generate(**processor.model_inputs(batch, model), **kwargs)
+    assert torch.equal(rebuilt.generate(**rebuilt_processor.model_inputs(batch, rebuilt), **kwargs), expected)

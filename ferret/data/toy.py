@@ -64,10 +64,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
 from ferret.conversation import FERRET_SYSTEM
-from ferret.regions import Box, Point, region_to_text
+from ferret.regions import Box, FreeForm, Point, region_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -292,19 +291,6 @@ def render_scene(
     return image, objects
 
 
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """COCO RLE of a bool mask [H, W]: {"size": [H, W], "counts": str}."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Inverse of `mask_to_rle`: bool [H, W]."""
-    counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(coco).astype(bool)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Questions and records
 
@@ -391,7 +377,7 @@ def make_record(
             {"from": "gpt", "value": answer},
         ],
         "box_x1y1x2y2": [[list(o.box) for o in human_objects], [list(o.box) for o in gpt_objects]],
-        "masks": [[mask_to_rle(o.mask) for o in human_objects], [mask_to_rle(o.mask) for o in gpt_objects]],
+        "masks": [[FreeForm(o.mask).to_rle() for o in human_objects], [FreeForm(o.mask).to_rle() for o in gpt_objects]],
         "region_type": [human_types, ["box"] * len(gpt_objects)],
         "objects": [{"name": o.name, "color": o.color, "shape": o.shape, "box": list(o.box)} for o in objects],
         **extra,

@@ -49,13 +49,24 @@ and for "all", ``round(mean(s2) / mean(s1) * 100, 1)``: the model's score relati
 whose score line could not be parsed are stored as ``[-1, -1]``; they are counted and left out of the means
 (the original averaged them in). With several files, a "combined" summary pools them.
 
+``infer`` (alias ``answer``) produces the model's answers: each question's 0..1 float brackets become
+``<region{k}>`` regions (a box ``[a, b, c, d]``, or a point ``[a, b]`` where the original crashed), written to the
+model as ``[int(a*1000), ...] <region_fea>`` with a box feature mask built at the image's raw size, as the
+original. Images are ``{image-folder}/{basename of image}`` (COCO val2017). Answers carry the original's fields
+``question_id, image_path, prompt, text`` plus ``category``. Where the original wrote
+``{answers-file}/ferret_answer.jsonl``, the answers file here follows ``ferret.eval.inference`` (one file for
+one chunk).
+
 Command lines::
 
+    python -m ferret.eval.ferret_bench infer --model-path checkpoints/ferret-7b \\
+        --questions ferret_gpt4_data/refer_reason/question.jsonl --image-folder data/coco/val2017 \\
+        --answers-file runs/bench_refer_reason.jsonl
     python -m ferret.eval.ferret_bench review --questions ferret_gpt4_data/refer_reason/question.jsonl \\
         --context ferret_gpt4_data/refer_reason/context.jsonl --reference ferret_gpt4_data/refer_reason/answer.jsonl \\
         --answers runs/bench_refer_reason --rule ferret_gpt4_data/rule.json \\
         --output runs/reviews/review_refer_reason.jsonl --judge-model gpt-4o
-    python -m ferret.eval.ferret_bench summarize --dir runs/reviews --save
+    python -m ferret.eval.ferret_bench summarize --dir runs/reviews --save      (alias: score)
 """
 
 from __future__ import annotations
@@ -64,16 +75,19 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferret.constants import GRID_SIZE
 from ferret.eval.common import format_table, load_predictions, metrics_path, read_jsonl, write_json
-from ferret.regions import parse_regions, strip_regions
+from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
+from ferret.regions import Box, Point, parse_regions, strip_regions
 
 if TYPE_CHECKING:
     import httpx
@@ -82,9 +96,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FAILED_SCORES",
+    "KEY_FIELDS",
     "JUDGE_SYSTEM_MESSAGE",
     "JudgeClient",
     "JudgeError",
+    "bench_queries",
     "build_judge_prompt",
     "find_review_files",
     "main",
@@ -97,6 +113,8 @@ __all__ = [
 JUDGE_SYSTEM_MESSAGE = "You are a helpful and precise assistant for checking the quality of the answer."
 FAILED_SCORES = [-1.0, -1.0]
 REVIEW_PREFIXES = ("review_", "reviews_", "gpt4_text")
+KEY_FIELDS = ("question_id",)
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,6 +161,61 @@ def parse_scores(review: str) -> list[float] | None:
         return [float(first[0]), float(first[1])]
     except ValueError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answers (inference)
+
+
+def _float_regions(text: str) -> tuple[str, list[tuple[float, ...]]]:
+    """Replace each bracket of 2 or 4 numbers by ``<region{k}>``; returns (text, the numbers of each region)."""
+    found: list[tuple[float, ...]] = []
+
+    def replace(match: re.Match) -> str:
+        try:
+            values = tuple(float(v) for v in match.group(1).split(","))
+        except ValueError:
+            return match.group(0)  # not coordinates: leave the text alone
+        if len(values) not in (2, 4):
+            return match.group(0)
+        found.append(values)
+        return f"<region{len(found) - 1}>"
+
+    return _BRACKET.sub(replace, text), found
+
+
+def _bench_regions(values: list[tuple[float, ...]], where: str, image):
+    width, height = image.size
+    regions = []
+    for k, v in enumerate(values):
+        if any(not 0 <= x <= 1 for x in v):
+            raise ValueError(f"{where}: region {k} {list(v)} is not in 0..1 coordinates")
+        if len(v) == 2:
+            regions.append(Point(min(v[0] * width, width - 1), min(v[1] * height, height - 1)))
+        else:
+            regions.append(Box(v[0] * width, v[1] * height, v[2] * width, v[3] * height))
+    return regions, None
+
+
+def bench_queries(questions: Sequence[dict[str, Any]], image_folder: str | os.PathLike) -> list[Query]:
+    """One query per Ferret-Bench question, in file order (see the module docstring)."""
+    queries = []
+    for index, question in enumerate(questions):
+        where = f"Ferret-Bench question #{index} (question_id={question.get('question_id')})"
+        for field_name in ("question_id", "image", "text"):
+            if field_name not in question:
+                raise ValueError(f"{where} has no '{field_name}'")
+        prompt, values = _float_regions(question["text"])
+        image_path = Path(image_folder) / Path(str(question["image"])).name
+        queries.append(Query(
+            image=image_path,
+            prompt=prompt,
+            output={"question_id": question["question_id"], "image_path": str(image_path), "prompt": None,
+                    "text": None, "category": question.get("category")},
+            regions=partial(_bench_regions, values, where),
+            where=where,
+        ))
+    return queries
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval.ferret_bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    infer = sub.add_parser("infer", aliases=["answer"], help="answer the questions of one category with a model")
+    infer.add_argument("--questions", "--data_path", dest="questions", required=True,
+                       help="question.jsonl of one category folder")
+    add_inference_arguments(infer)
+
     review = sub.add_parser("review", help="judge model answers against the reference answers")
     review.add_argument("--questions", required=True, help="question.jsonl of one category folder")
     review.add_argument("--context", required=True, help="context.jsonl of the same folder")
@@ -444,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     review.add_argument("--temperature", type=float, default=0.2)
     review.add_argument("--max-tries", type=int, default=5)
 
-    summ = sub.add_parser("summarize", help="relative scores from review files")
+    summ = sub.add_parser("summarize", aliases=["score"], help="relative scores from review files")
     group = summ.add_mutually_exclusive_group(required=True)
     group.add_argument("--dir", help="folder of review_*.jsonl files")
     group.add_argument("--files", nargs="+", help="review files")
@@ -455,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.command in ("infer", "answer"):
+        infer_from_args(args, bench_queries(read_jsonl(args.questions), args.image_folder), KEY_FIELDS)
+        return 0
     if args.command == "review":
         api_key = os.environ.get("OPENAI_API_KEY")
         if not api_key:

@@ -25,9 +25,17 @@ Phrase types (people, clothing, bodyparts, animals, vehicles, instruments, scene
 Flickr30k Entities ``Sentences/{image}.txt`` files (lines like ``[/EN#18/people A man] in [/EN#19/clothing
 a red shirt]``); with ``--flickr-entities-path`` the report has one row per type, without it only "all".
 
-Command line::
+Inference (``infer``) reads the same MDETR JSON and the Flickr30k images and asks, for every caption in
+image-entry id order, "What are the locations of {phrase 1, phrase 2, ...}?" (each phrase is the caption text of
+its first character span, lower-cased, commas removed, as the original), writing the original's fields
+``image_id`` (= original_img_id), ``sentence_id, file_name, prompt, text, width, height``.
 
-    python -m ferret.eval.flickr score --predictions runs/flickr_test \\
+Command lines::
+
+    python -m ferret.eval.flickr infer --model-path checkpoints/ferret-7b \\
+        --annotation-file data/annotations/final_flickr_mergedGT_test.json \\
+        --image-folder data/flickr30k/flickr30k_images_split/test --answers-file runs/flickr_test.jsonl
+    python -m ferret.eval.flickr score --predictions runs/flickr_test.jsonl \\
         --annotation-file data/annotations/final_flickr_mergedGT_test.json \\
         [--flickr-entities-path data/flickr30k_entities]
 """
@@ -55,6 +63,7 @@ from ferret.eval.common import (
     normalize_phrase,
     write_json,
 )
+from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import ZERO_BOX, box_iou_matrix, hit_at_k, merge_boxes, xywh_to_xyxy
 
 logger = logging.getLogger(__name__)
@@ -64,6 +73,8 @@ __all__ = [
     "FlickrEntities",
     "FlickrPhrase",
     "FlickrSentence",
+    "KEY_FIELDS",
+    "flickr_queries",
     "load_flickr_sentences",
     "main",
     "match_phrase_boxes",
@@ -74,6 +85,8 @@ __all__ = [
 ]
 
 DEFAULT_KS = (1, 5, 10)
+KEY_FIELDS = ("image_id", "sentence_id")
+QUESTION = "What are the locations of {phrases}?"
 
 _ENTITY = re.compile(r"\[/EN#(?P<id>\d+)(?P<types>(?:/[^\s/\]]+)*)\s+(?P<text>[^\]]*)\]")
 
@@ -355,6 +368,40 @@ def score_flickr(
     }
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+
+
+def flickr_queries(annotations: dict[str, Any], image_folder: str | Path) -> list[Query]:
+    """One query per caption of an MDETR Flickr JSON, in image-entry id order (see the module docstring)."""
+    if "images" not in annotations:
+        raise ValueError("Flickr annotation JSON has no 'images' list")
+    try:
+        entries = sorted(annotations["images"], key=lambda entry: entry["id"])
+    except TypeError:
+        entries = sorted(annotations["images"], key=lambda entry: str(entry["id"]))
+    queries = []
+    for entry in entries:
+        for field_name in ("id", "file_name", "caption", "tokens_positive_eval", "original_img_id", "sentence_id"):
+            if field_name not in entry:
+                raise ValueError(f"Flickr image entry id={entry.get('id')} has no '{field_name}'")
+        caption = entry["caption"]
+        phrases = []
+        for k, spans in enumerate(entry["tokens_positive_eval"]):
+            if not spans:
+                raise ValueError(f"Flickr image entry id={entry['id']}: phrase {k} has no character span")
+            start, end = int(spans[0][0]), int(spans[0][1])
+            phrases.append(caption[start:end].lower().replace(",", "").strip())
+        queries.append(Query(
+            image=Path(image_folder) / entry["file_name"],
+            prompt=QUESTION.format(phrases=", ".join(phrases)),
+            output={"image_id": entry["original_img_id"], "sentence_id": entry["sentence_id"],
+                    "file_name": entry["file_name"], "prompt": None, "text": None, "width": None, "height": None},
+            where=f"Flickr image entry id={entry['id']} ({entry['file_name']})",
+        ))
+    return queries
+
+
 def _print_results(metrics: dict[str, Any]) -> None:
     results = metrics["results"]
     if not results:
@@ -369,6 +416,10 @@ def _print_results(metrics: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval.flickr", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    infer = sub.add_parser("infer", help="ground the phrases of every caption with a model")
+    infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,
+                       help="MDETR final_flickr_{merged,separate}GT_{val,test}.json")
+    add_inference_arguments(infer)
     score = sub.add_parser("score", help="compute Recall@k from a prediction file or folder")
     score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
     score.add_argument("--annotation-file", required=True, help="MDETR final_flickr_mergedGT_{val,test}.json")
@@ -382,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.annotation_file, encoding="utf-8") as f:
         annotations = json.load(f)
+    if args.command == "infer":
+        infer_from_args(args, flickr_queries(annotations, args.image_folder), KEY_FIELDS)
+        return 0
     entities = FlickrEntities(args.flickr_entities_path) if args.flickr_entities_path else None
     metrics = score_flickr(annotations, load_predictions(args.predictions), entities, args.strict,
                            threshold=args.iou_threshold)

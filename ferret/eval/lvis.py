@@ -21,9 +21,25 @@ synonyms as whole words:
 Also reported: ``both_mentioned``, answers that (after negation removal) mention both the class and the negative
 class, which the rule above counts as correct, as the original does.
 
-Command line::
+Inference (``infer``) asks the question about each record's region given as ``--region-format``:
 
-    python -m ferret.eval.lvis score --predictions runs/lvis_box [--annotation-file lvis_referring.jsonl]
+* ``point``: the ``sample_point`` (pixels); its feature mask is the 11x11 window around it, as the original.
+* ``box``: ``bbox_norm`` (0..1 xyxy) times the image size; the feature mask is the box.
+* ``free_shape``: the ``free_shape_bbox_raw`` box (pixels) in the text, and the box intersected with the
+  ``free_shape_segment_mask`` as the feature mask. The original stores that mask as a dense 2-D list shaped
+  [W, H] (first index = x); it is transposed to this project's [H, W]. A COCO RLE dict ``{"size": [h, w],
+  "counts": ...}`` is accepted too (much smaller files).
+
+With ``--no-coor`` the question holds only ``<region_fea>``. The true class comes first on even record indices
+and second on odd ones, as the original. The answers carry the original's fields ``id, image_path, prompt, text,
+name, synonyms, bbox, bbox_norm, width, height`` plus ``neg_class`` and ``region_format`` (the scorer reports
+accuracy per region format).
+
+Command lines::
+
+    python -m ferret.eval.lvis infer --model-path checkpoints/ferret-7b --annotation-file data/lvis/lvis_eval.jsonl \\
+        --image-folder data/coco/val2017 --region-format box --answers-file runs/lvis_box.jsonl
+    python -m ferret.eval.lvis score --predictions runs/lvis_box.jsonl [--annotation-file lvis_eval.jsonl]
 """
 
 from __future__ import annotations
@@ -34,13 +50,36 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from ferret.eval.common import align, format_table, load_predictions, metrics_path, read_jsonl, write_json
+from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
+from ferret.regions import Box, FreeForm, Point
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["class_names", "is_correct", "main", "mentions", "remove_negations", "score_lvis"]
+__all__ = [
+    "KEY_FIELDS",
+    "REGION_FORMATS",
+    "class_names",
+    "free_shape_mask",
+    "is_correct",
+    "lvis_queries",
+    "main",
+    "mentions",
+    "remove_negations",
+    "score_lvis",
+]
+
+KEY_FIELDS = ("id",)
+REGION_FORMATS = ("point", "box", "free_shape")
+QUESTION = "Is the object <region0> of the image a {first} or a {second}?"
+_REQUIRED = {"point": ("sample_point",), "box": ("bbox_norm",), "free_shape": ("free_shape_segment_mask",)}
 
 _NEGATION = r"(?:\b(?:not|no|never|cannot|neither|nor)\b|\b\w+n['’]t\b)"
 _CLAUSE_END = r"(?=[,.;:!?\n]|\bbut\b|\binstead\b|\brather\b|$)"
@@ -132,9 +171,82 @@ def score_lvis(
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+
+
+def free_shape_mask(value: Any, width: int, height: int, where: str = "") -> np.ndarray:
+    """A record's free-form mask as bool [H, W]: a dense 2-D list shaped [W, H] (the original's layout,
+    transposed here) or a COCO RLE dict. ValueError (naming ``where``) for any other shape."""
+    if isinstance(value, dict):
+        mask = FreeForm.from_rle(value).mask
+        if mask.shape != (height, width):
+            raise ValueError(f"{where}: free_shape_segment_mask RLE has size {list(mask.shape)}, expected "
+                             f"[h, w] = [{height}, {width}]")
+        return np.asarray(mask)
+    array = np.asarray(value)
+    if array.ndim != 2 or array.shape != (width, height):
+        raise ValueError(f"{where}: free_shape_segment_mask must be a 2-D list shaped [W, H] = [{width}, {height}] "
+                         f"(first index = x) or an RLE dict, got shape {list(array.shape)}")
+    return array.T != 0
+
+
+def _lvis_region(record: dict[str, Any], region_format: str, where: str, image: Image.Image):
+    width, height = int(record["width"]), int(record["height"])
+    if image.size != (width, height):
+        raise ValueError(f"{where}: the image is {image.size[0]}x{image.size[1]} but the record says "
+                         f"{width}x{height}")
+    if region_format == "point":
+        x, y = record["sample_point"][:2]
+        return [Point(float(x), float(y))], None
+    if region_format == "box":
+        x1, y1, x2, y2 = (float(v) for v in record["bbox_norm"][:4])
+        return [Box(x1 * width, y1 * height, x2 * width, y2 * height)], None
+    mask = free_shape_mask(record["free_shape_segment_mask"], width, height, where)
+    raw = record.get("free_shape_bbox_raw")
+    if raw is None:
+        return [FreeForm(mask)], None
+    return [Box(*(float(v) for v in raw[:4]))], [mask]
+
+
+def lvis_queries(records: list[dict[str, Any]], image_folder: str | Path, region_format: str) -> list[Query]:
+    """One query per LVIS-referring record, in file order (see the module docstring)."""
+    if region_format not in REGION_FORMATS:
+        raise ValueError(f"region format {region_format!r} is not one of {REGION_FORMATS}")
+    queries = []
+    for index, record in enumerate(records):
+        where = f"LVIS record #{index} (id={record.get('id')})"
+        for field_name in ("id", "image_path", "width", "height", "name", "neg_class", *_REQUIRED[region_format]):
+            if field_name not in record:
+                raise ValueError(f"{where} has no '{field_name}' (needed for --region-format {region_format})")
+        first, second = record["name"], record["neg_class"]
+        if index % 2 == 1:  # the true class comes second on odd indices
+            first, second = second, first
+        image_path = Path(image_folder) / PurePosixPath(str(record["image_path"]).replace("\\", "/")).name
+        queries.append(Query(
+            image=image_path,
+            prompt=QUESTION.format(first=first, second=second),
+            output={"id": record["id"], "image_path": str(image_path), "prompt": None, "text": None,
+                    "name": record["name"], "synonyms": record.get("synonyms", []), "bbox": record.get("bbox"),
+                    "bbox_norm": record.get("bbox_norm"), "width": record["width"], "height": record["height"],
+                    "neg_class": record["neg_class"], "region_format": region_format},
+            regions=partial(_lvis_region, record, region_format, where),
+            where=where,
+        ))
+    return queries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval.lvis", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    infer = sub.add_parser("infer", help="classify every referred region with a model")
+    infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,
+                       help="LVIS-referring jsonl")
+    infer.add_argument("--region-format", "--region_format", dest="region_format", default="point",
+                       choices=REGION_FORMATS, help="how the region is given (default point, as the original)")
+    infer.add_argument("--no-coor", "--no_coor", dest="no_coor", action="store_true",
+                       help="no coordinates in the question, only <region_fea>")
+    add_inference_arguments(infer)
     score = sub.add_parser("score", help="compute accuracy from a prediction file or folder")
     score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
     score.add_argument("--annotation-file", default=None, help="LVIS-referring jsonl, to match by id (optional)")
@@ -144,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.command == "infer":
+        queries = lvis_queries(read_jsonl(args.annotation_file), args.image_folder, args.region_format)
+        infer_from_args(args, queries, KEY_FIELDS, no_coor=args.no_coor)
+        return 0
     annotations = read_jsonl(args.annotation_file) if args.annotation_file else None
     metrics = score_lvis(load_predictions(args.predictions), annotations, args.region_format)
     metrics["predictions"] = str(args.predictions)

@@ -17,9 +17,16 @@ as yes, and "Yes, there is a dog, not a cat" as no; rule 1 and the word-boundary
 Alignment: by ``question_id`` when every prediction and every question has one; otherwise by order, and then
 the two lists must have the same length (ValueError otherwise). "yes" is the positive class.
 
-Command line::
+Inference (``infer``) asks each question's ``text`` verbatim about ``{image-folder}/{image}`` (COCO val2014) and
+writes the original's fields ``question`` and ``answer`` (lower-cased), plus ``question_id`` (the file's, or
+the line index when the file has none), ``image``, ``prompt`` and ``text`` (the answer as generated).
 
-    python -m ferret.eval.pope score --predictions runs/pope_adversarial \\
+Command lines::
+
+    python -m ferret.eval.pope infer --model-path checkpoints/ferret-7b \\
+        --annotation-file data/pope/coco_pope_adversarial.json --image-folder data/coco/val2014 \\
+        --answers-file runs/pope_adversarial.jsonl
+    python -m ferret.eval.pope score --predictions runs/pope_adversarial.jsonl \\
         --annotation-file data/pope/coco_pope_adversarial.json
 """
 
@@ -29,13 +36,17 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from ferret.eval.common import align, format_table, load_predictions, metrics_path, read_jsonl, write_json
+from ferret.eval.inference import Answer, Query, add_inference_arguments, default_record, infer_from_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["confusion_metrics", "decide_yes_no", "main", "score_pope"]
+__all__ = ["KEY_FIELDS", "confusion_metrics", "decide_yes_no", "main", "pope_queries", "pope_record", "score_pope"]
+
+KEY_FIELDS = ("question_id",)
 
 _FIRST_SENTENCE_END = re.compile(r"[.!?\n]")
 _WORD = re.compile(r"[a-z]+(?:['’][a-z]+)?")
@@ -124,9 +135,39 @@ def score_pope(questions: list[dict[str, Any]], predictions: list[dict[str, Any]
     }
 
 
+def pope_queries(questions: list[dict[str, Any]], image_folder: str | Path) -> list[Query]:
+    """One query per POPE question, in file order (see the module docstring)."""
+    with_ids = all("question_id" in q for q in questions)
+    queries = []
+    for index, question in enumerate(questions):
+        for field_name in ("image", "text"):
+            if field_name not in question:
+                raise ValueError(f"POPE question #{index} has no '{field_name}': {str(question)[:120]}")
+        qid = question["question_id"] if with_ids else index
+        queries.append(Query(
+            image=Path(image_folder) / question["image"],
+            prompt=question["text"],
+            output={"question_id": qid, "image": question["image"], "question": question["text"], "prompt": None,
+                    "answer": None, "text": None},
+            where=f"POPE question {qid} ({question['image']})",
+        ))
+    return queries
+
+
+def pope_record(answer: Answer) -> dict[str, Any]:
+    """The answers-file line: the original's ``answer`` is the generated text lower-cased."""
+    record = default_record(answer)
+    record["answer"] = answer.text.lower()
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval.pope", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    infer = sub.add_parser("infer", help="answer every POPE question with a model")
+    infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,
+                       help="POPE questions jsonl (coco_pope_{random,popular,adversarial}.json)")
+    add_inference_arguments(infer)
     score = sub.add_parser("score", help="compute POPE metrics from a prediction file or folder")
     score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
     score.add_argument("--annotation-file", required=True, help="POPE questions jsonl with labels")
@@ -134,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.command == "infer":
+        infer_from_args(args, pope_queries(read_jsonl(args.annotation_file), args.image_folder), KEY_FIELDS,
+                        make_record=pope_record)
+        return 0
     metrics = score_pope(read_jsonl(args.annotation_file), load_predictions(args.predictions))
     metrics["predictions"] = str(args.predictions)
     metrics["annotation_file"] = str(args.annotation_file)

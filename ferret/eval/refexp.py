@@ -18,9 +18,17 @@ box, IoU 0) instead of crashing, and the metrics file goes next to the predictio
 An answer with no box is scored with the zero box (IoU 0) and stays in the denominator, as in the original.
 IoU is the continuous DETR-style IoU of ``metrics``, with the image size of the ground truth.
 
-Command line::
+Inference (``infer``) reads the same MDETR JSON and the COCO train2014 images, asks "What is the location of
+{caption without commas} in the image?" for every image entry in id order (as the original's CocoDetection),
+and writes the original's fields ``image_id, file_name, prompt, text, width, height`` (see
+``ferret.eval.inference`` for batching, resuming and chunks).
 
-    python -m ferret.eval.refexp score --predictions runs/refcoco_val \\
+Command lines::
+
+    python -m ferret.eval.refexp infer --model-path checkpoints/ferret-7b \\
+        --annotation-file data/annotations/finetune_refcoco_val.json --image-folder data/coco/train2014 \\
+        --answers-file runs/refcoco_val.jsonl
+    python -m ferret.eval.refexp score --predictions runs/refcoco_val.jsonl \\
         --annotation-file data/annotations/finetune_refcoco_val.json
 """
 
@@ -44,11 +52,16 @@ from ferret.eval.common import (
     metrics_path,
     write_json,
 )
+from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import ZERO_BOX, box_iou, box_iou_matrix, mean_box, xywh_to_xyxy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RefExpItem", "load_refexp_items", "main", "score_refexp", "split_from_filename"]
+__all__ = ["KEY_FIELDS", "RefExpItem", "load_refexp_items", "main", "refexp_queries", "score_refexp",
+           "split_from_filename"]
+
+KEY_FIELDS = ("image_id",)
+QUESTION = "What is the location of {caption} in the image?"
 
 _FILE_NAME = re.compile(r"finetune_(refcoco\+?|refcocog)_(\w+?)\.json$")
 
@@ -169,6 +182,34 @@ def score_refexp(
     }
 
 
+def _by_id(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Image entries in id order (torchvision's CocoDetection order, which the original iterates)."""
+    try:
+        return sorted(entries, key=lambda entry: entry["id"])
+    except TypeError:  # mixed id types
+        return sorted(entries, key=lambda entry: str(entry["id"]))
+
+
+def refexp_queries(annotations: dict[str, Any], image_folder: str | Path) -> list[Query]:
+    """One query per image entry of an MDETR RefExp JSON, in id order (see the module docstring)."""
+    if "images" not in annotations:
+        raise ValueError("RefExp annotation JSON has no 'images' list")
+    queries = []
+    for entry in _by_id(annotations["images"]):
+        for field_name in ("id", "file_name", "caption"):
+            if field_name not in entry:
+                raise ValueError(f"RefExp image entry {entry.get('id', '?')} has no '{field_name}'")
+        caption = entry["caption"].replace(",", "").strip()
+        queries.append(Query(
+            image=Path(image_folder) / entry["file_name"],
+            prompt=QUESTION.format(caption=caption),
+            output={"image_id": entry["id"], "file_name": entry["file_name"], "prompt": None, "text": None,
+                    "width": None, "height": None},
+            where=f"RefExp image id {entry['id']} ({entry['file_name']})",
+        ))
+    return queries
+
+
 def _print_results(metrics: dict[str, Any]) -> None:
     t = f"{metrics['threshold']:g}"
     rows = [
@@ -184,6 +225,10 @@ def _print_results(metrics: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval.refexp", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    infer = sub.add_parser("infer", help="answer every referring expression with a model")
+    infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,
+                       help="MDETR finetune_refcoco*_{split}.json")
+    add_inference_arguments(infer)
     score = sub.add_parser("score", help="compute Acc@0.5 from a prediction file or folder")
     score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
     score.add_argument("--annotation-file", required=True, help="MDETR finetune_refcoco*_{split}.json")
@@ -195,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.annotation_file, encoding="utf-8") as f:
         annotations = json.load(f)
+    if args.command == "infer":
+        infer_from_args(args, refexp_queries(annotations, args.image_folder), KEY_FIELDS)
+        return 0
     split = args.split or split_from_filename(args.annotation_file)
     metrics = score_refexp(annotations, load_predictions(args.predictions), split, args.iou_threshold)
     metrics["predictions"] = str(args.predictions)

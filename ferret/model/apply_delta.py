@@ -36,6 +36,7 @@ import torch
 
 from ferret.model.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
+    VISION_TOWER_DIR,
     CheckpointError,
     CheckpointReader,
     ShardedSafetensorsWriter,
@@ -49,7 +50,6 @@ from ferret.model.checkpoint import (
     parse_size,
     progress_bar,
     setup_cli_logging,
-    VISION_TOWER_DIR,
 )
 
 logger = logging.getLogger(__name__)

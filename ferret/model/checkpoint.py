@@ -6,8 +6,8 @@ This module owns the on-disk layout of a model checkpoint and the machinery the 
 * `CheckpointReader`: a lazy view of a checkpoint folder (safetensors single or sharded with
   `model.safetensors.index.json`, or `pytorch_model.bin` single or sharded with `pytorch_model.bin.index.json`,
   or one bare `.safetensors` / `.bin` file). Names, shapes and dtypes are known up front; tensor data is read one
-  tensor at a time and each file mapping is dropped straight after, so the resident memory of a pass over a whole
-  model stays at a few tensors (a mapping kept open would keep every page it touched resident).
+  tensor at a time and file mappings are dropped soon after, so the resident memory of a pass over a whole model
+  stays at a few tensors (a mapping kept open for a whole shard would keep every page it touched resident).
 * `ShardedSafetensorsWriter`: streams tensors into safetensors shards whose layout is planned up front from the
   tensor specs, so a shard is never held in memory; writes `model.safetensors.index.json` when there is more
   than one shard (the Hugging Face convention: a single shard is just `model.safetensors`).
@@ -175,9 +175,9 @@ class CheckpointReader:
     `path` is a folder holding (first found wins) `model.safetensors.index.json`, `model.safetensors`,
     `pytorch_model.bin.index.json` or `pytorch_model.bin`; or a single `.safetensors` / `.bin` / `.pt` file.
     `names` lists tensors in file order; `spec(name)` gives shape and dtype without reading data;
-    `get(name)` returns a private in-memory copy of one tensor. Safetensors files are mapped only for the
-    duration of one read; .bin shards stay mapped for up to 256 MiB of reads (re-reading a pickle is slow),
-    so at most about that much of them is resident besides the tensors returned. `close()` drops that mapping.
+    `get(name)` returns one tensor that the caller owns (and may modify). No safetensors mapping outlives the
+    tensor read through it; .bin shards stay mapped for up to 256 MiB of reads (re-reading a pickle is slow),
+    so at most about that much of them is resident besides the tensors returned. `close()` drops those mappings.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -280,10 +280,11 @@ class CheckpointReader:
         return self._specs[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """A private, contiguous in-memory copy of tensor `name` (shape and dtype as stored)."""
+        """Tensor `name` as stored (contiguous); the caller may modify it in place without affecting the file."""
         file = self._file_of[self.spec(name).name]
         if self.format == "safetensors":
-            # get_tensor copies out of the mapping, and leaving the context unmaps the file.
+            # Depending on the safetensors version the tensor is a copy or sits on a private copy-on-write mapping
+            # of the file that lives exactly as long as the tensor; either way writing to it never touches the file.
             with safe_open(file, framework="pt", device="cpu") as f:
                 return f.get_tensor(name)
         # Re-reading a .bin's pickle costs ~0.1 s, so a mapping serves several reads; the mappings are dropped

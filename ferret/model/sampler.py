@@ -65,6 +65,8 @@ POOLER_MODES = ("max", "mean")
 
 # Upper bound on the random sort keys that sample_region_points holds at once (elements, i.e. 64 MiB of fp32).
 _MAX_KEYS_PER_CHUNK = 1 << 24
+# Elements of the [regions, S, k, C] activations the sampler processes at once on CPU (16 MiB of fp32).
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,8 +170,9 @@ def sample_region_points(
             repeat = torch.minimum(repeat, counts[:, None] - 1)
             slot = torch.where(slot < counts[:, None], slot, repeat)
             pixel = order.gather(1, slot)  # flat pixel index, [M, num_points]
-            xy = torch.stack([(pixel % width).float() / width, torch.div(pixel, width, rounding_mode="floor").float() / height], dim=-1)
-            out[torch.tensor(idx, device=device)] = xy
+            x = (pixel % width).float() / width
+            y = torch.div(pixel, width, rounding_mode="floor").float() / height
+            out[torch.tensor(idx, device=device)] = torch.stack([x, y], dim=-1)
     return out
 
 
@@ -291,7 +294,8 @@ def fps_start_index(
     num_regions, num_points, _ = points.shape
     if deterministic:
         centroid = points.mean(dim=1, keepdim=True)
-        return ((points - centroid) ** 2).sum(-1).argmin(dim=1)
+        offset = points - centroid
+        return (offset[..., 0].square() + offset[..., 1].square()).argmin(dim=1)
     gen_device = generator.device if generator is not None else points.device
     start = torch.randint(0, num_points, (num_regions,), generator=generator, device=gen_device)
     return start.to(points.device)
@@ -307,16 +311,15 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start_index: t
     num_regions, num_points, _ = points.shape
     if not 0 < num_samples <= num_points:
         raise ValueError(f"cannot sample {num_samples} anchors from {num_points} points (need 0 < S <= P)")
-    pos = points.float()
+    x, y = points[..., 0].float().contiguous(), points[..., 1].float().contiguous()
     chosen = torch.empty(num_regions, num_samples, dtype=torch.long, device=points.device)
     nearest = torch.full((num_regions, num_points), float("inf"), device=points.device)
-    rows = torch.arange(num_regions, device=points.device)
-    current = start_index.to(device=points.device, dtype=torch.long)
+    current = start_index.to(device=points.device, dtype=torch.long)[:, None]
     for step in range(num_samples):
-        chosen[:, step] = current
-        dist = ((pos - pos[rows, current][:, None, :]) ** 2).sum(-1)
-        nearest = torch.minimum(nearest, dist)
-        current = nearest.argmax(dim=1)
+        chosen[:, step : step + 1] = current
+        dist = (x - x.gather(1, current)).square_().add_((y - y.gather(1, current)).square_())
+        torch.minimum(nearest, dist, out=nearest)
+        current = nearest.argmax(dim=1, keepdim=True)
     return chosen
 
 
@@ -523,7 +526,17 @@ class SpatialAwareVisualSampler(nn.Module):
         anchor_point = gather_points(point, groups.anchor_index)  # [R, S, C+2]
         per_anchor = torch.addmm(anchor_bias, anchor_point.flatten(0, 1), w_anchor.T).view(*anchor_point.shape[:2], -1)
         per_anchor = per_anchor - gather_points(per_point, groups.anchor_index)  # v = Wa p + Wd bD + b - u, [R, S, C]
-        hidden = gather_points(per_point, groups.neighbor_index)  # [R, S, k, C]
-        hidden = hidden.add_(per_anchor[:, :, None, :]).to(dtype).relu_()
-        hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return hidden.amax(dim=2) if self.pooler_mode == "max" else hidden.mean(dim=2)
+        # The [R, S, k, C] part runs in region chunks on CPU: intermediates small enough to stay in cache and to be
+        # reused by the allocator instead of being page-faulted in afresh. One chunk elsewhere.
+        num_regions, num_anchors, k = groups.neighbor_index.shape
+        chunk = num_regions
+        if point.device.type == "cpu":
+            chunk = max(1, _CPU_CHUNK_ELEMENTS // (num_anchors * k * per_point.shape[-1]))
+        pooled = []
+        for start in range(0, num_regions, chunk):
+            part = slice(start, start + chunk)
+            hidden = gather_points(per_point[part], groups.neighbor_index[part])  # [r, S, k, C]
+            hidden = hidden.add_(per_anchor[part, :, None, :]).to(dtype).relu_()
+            hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            pooled.append(hidden.amax(dim=2) if self.pooler_mode == "max" else hidden.mean(dim=2))
+        return torch.cat(pooled) if len(pooled) > 1 else pooled[0]

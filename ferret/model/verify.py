@@ -44,7 +44,9 @@ class Comparison:
     def report(self) -> list[str]:
         lines = [f"{name}: only in the original" for name in self.only_in_orig]
         lines += [f"{name}: only in the new model" for name in self.only_in_new]
-        lines += [f"{name}: shape {list(a)} in the original, {list(b)} in the new" for name, a, b in self.shape_mismatch]
+        lines += [
+            f"{name}: shape {list(a)} in the original, {list(b)} in the new" for name, a, b in self.shape_mismatch
+        ]
         lines += [f"{name}: values differ, max |difference| {diff:.3g}" for name, diff in self.value_mismatch]
         verdict = "EQUAL" if self.equal else "DIFFERENT"
         lines.append(f"{verdict}: {self.compared} tensors compared, {len(lines)} differences")

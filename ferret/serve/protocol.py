@@ -58,8 +58,10 @@ __all__ = [
     "GenerateRequest",
     "parse_generate_request",
     "decode_image",
+    "decode_image_bytes",
     "encode_image",
     "region_to_dict",
+    "grounded_to_dict",
     "build_generate_payload",
     "mask_to_rle",
     "rle_to_mask",
@@ -78,6 +80,7 @@ class ErrorCode(IntEnum):
     NO_WORKER = 2  # the controller knows no worker serving the requested model
     WORKER_UNREACHABLE = 3  # the controller could not reach the worker, or it timed out
     BAD_REQUEST = 4  # the request failed validation (see RequestError)
+    SERVER_BUSY = 5  # the worker already runs its limit of requests; retry later (HTTP 429)
 
 
 class RequestError(ValueError):
@@ -268,6 +271,11 @@ def region_to_dict(region: Any) -> dict[str, Any]:
     raise TypeError(f"cannot encode {type(region).__name__} as a region; expected Point, Box or FreeForm")
 
 
+def grounded_to_dict(grounded: Any) -> dict[str, Any]:
+    """A ``ferret.regions.GroundedRegion`` (pixels) as ``{"phrase": ..., "type": "box", "x1": ..., ...}``."""
+    return {"phrase": grounded.phrase, **region_to_dict(grounded.region)}
+
+
 # ----------------------------------------------------------------------------------------------- RLE
 
 
@@ -387,6 +395,11 @@ def decode_image(data: Any, index: int = 0, limits: RequestLimits = RequestLimit
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
         raise RequestError(f"{where} is not valid base64 ({err})", 400) from err
+    return decode_image_bytes(raw, where, limits)
+
+
+def decode_image_bytes(raw: bytes, where: str = "image 0", limits: RequestLimits = RequestLimits()) -> Image.Image:
+    """Encoded PNG or JPEG bytes as an RGB PIL image, with the same checks and statuses as ``decode_image``."""
     if len(raw) > limits.max_image_bytes:
         raise RequestError(f"{where} has {len(raw)} bytes; the limit is {limits.max_image_bytes}", 413)
     try:

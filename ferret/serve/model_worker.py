@@ -1,0 +1,410 @@
+"""The model worker: serves one Ferret model over the original worker protocol (REFERENCE §6.2).
+
+Endpoints (POST, JSON):
+
+    /worker_generate_stream   a generation request (ferret.serve.protocol: prompt with <image> and <region_fea>,
+                              base64 images, compact regions or the legacy dense region_masks, temperature, top_p,
+                              max_new_tokens, stop) -> a stream of ``{"text": prompt + output_so_far,
+                              "error_code": 0}`` messages, each followed by ``\\0``, every ``stream_interval``
+                              tokens. The last message also carries ``finish_reason``, ``usage``, and, for a request
+                              with an image, ``regions`` (the grounded boxes/points of the output in pixels of the
+                              image, via FerretProcessor.post_process) and ``clean_text``.
+                              A rejected request gets one JSON message ``{"text": why, "error_code": 4}`` with HTTP
+                              400/413/422; a worker already running ``limit_model_concurrency`` requests answers
+                              at once with HTTP 429 and ``error_code`` 5 (never queues, never hangs).
+    /worker_get_status        {"model_names": [name], "speed": 1, "queue_length": requests in flight, ...}
+
+Differences from the original, on purpose: multimodality never depends on the model's name (§8 item 11); top_p is
+honoured; a missing ``stop`` is fine; a prompt that does not fit is refused instead of left-truncated through the
+``<image>`` (§8 item 36); the concurrency slot is released when the generation thread ends, also when the client
+disconnects or generation fails; heartbeats run in a daemon thread; any device (CUDA, MPS, CPU).
+
+Run::
+
+    python -m ferret.serve.model_worker --model-path ./checkpoints/ferret-7b --controller-address \\
+        http://127.0.0.1:21001 --port 21002 --worker-address http://127.0.0.1:21002
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ferret.constants import WORKER_HEART_BEAT_INTERVAL
+from ferret.serve.http_utils import GuardedStreamingResponse
+from ferret.serve.inference import AsyncSteps, ConcurrencyLimiter, Generation, PromptTooLong, SamplingParams, Step
+from ferret.serve.protocol import (
+    ErrorCode,
+    RequestError,
+    RequestLimits,
+    encode_chunk,
+    grounded_to_dict,
+    parse_generate_request,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HTTP_TIMEOUT = 5.0  # seconds for register / heartbeat calls to the controller
+
+
+def error_status(err: BaseException) -> tuple[int, str]:
+    """(HTTP status, message) for a request that failed before generation started."""
+    if isinstance(err, RequestError):
+        return err.status, err.message
+    if isinstance(err, PromptTooLong):
+        return 400, str(err)
+    if isinstance(err, ValueError):  # processor / regions rejected the input; they name what is wrong
+        return 422, str(err)
+    return 500, f"internal error: {err!r}"
+
+
+class ModelWorker:
+    """A loaded model plus its serving state: concurrency slots, registration and heartbeats.
+
+    Args:
+        model / processor: from ``ferret.model.builder.load_pretrained_model``.
+        model_name: the name the controller routes on.
+        worker_address: this worker's URL as the controller should call it.
+        controller_address: the controller's URL; None works stand-alone.
+        limit_model_concurrency: requests run at once; one more is refused with 429.
+        stream_interval: send a message every this many tokens (and always at the end).
+        register: register with the controller on start (``--no-register`` turns it off; heartbeats then start
+            only once the controller knows the worker through some other way).
+        heart_beat_interval: seconds between heartbeats.
+        limits: request limits (image size, regions, max_new_tokens cap).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        model_name: str,
+        worker_address: str,
+        controller_address: str | None = None,
+        *,
+        limit_model_concurrency: int = 5,
+        stream_interval: int = 1,
+        register: bool = True,
+        heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
+        limits: RequestLimits = RequestLimits(),
+        http_timeout: float = DEFAULT_HTTP_TIMEOUT,
+    ):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        self.model = model
+        self.processor = processor
+        self.model_name = model_name
+        self.worker_address = worker_address.rstrip("/")
+        self.controller_address = controller_address.rstrip("/") if controller_address else None
+        self.worker_id = uuid.uuid4().hex[:6]
+        self.limiter = ConcurrencyLimiter(limit_model_concurrency)
+        self.stream_interval = stream_interval
+        self.register = register
+        self.heart_beat_interval = heart_beat_interval
+        self.limits = limits
+        self.http_timeout = http_timeout
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: httpx.Client | None = None
+
+    # ------------------------------------------------------------------ status and controller
+    def status(self) -> dict[str, Any]:
+        return {
+            "model_names": [self.model_name],
+            "speed": 1,
+            "queue_length": self.limiter.in_flight,
+            "limit_model_concurrency": self.limiter.limit,
+            "context_length": self.processor.model_max_length,
+            "image_aspect_ratio": self.processor.image_aspect_ratio,
+        }
+
+    def register_to_controller(self) -> bool:
+        if not self.controller_address:
+            return False
+        body = {"worker_name": self.worker_address, "check_heart_beat": True, "worker_status": self.status()}
+        try:
+            reply = self._http().post(f"{self.controller_address}/register_worker", json=body)
+            reply.raise_for_status()
+            registered = bool(reply.json().get("registered", False))
+        except (httpx.HTTPError, ValueError) as err:
+            logger.warning("Registering with %s failed: %s", self.controller_address, err)
+            return False
+        logger.info("Registered %s (%s) with %s: %s", self.worker_address, self.model_name,
+                    self.controller_address, registered)
+        return registered
+
+    def send_heart_beat(self) -> bool | None:
+        """One heartbeat; re-registers when the controller does not know this worker. None when unreachable."""
+        if not self.controller_address:
+            return None
+        body = {"worker_name": self.worker_address, "queue_length": self.limiter.in_flight}
+        try:
+            reply = self._http().post(f"{self.controller_address}/receive_heart_beat", json=body)
+            reply.raise_for_status()
+            exist = bool(reply.json().get("exist", False))
+        except (httpx.HTTPError, ValueError) as err:
+            logger.warning("Heartbeat to %s failed: %s", self.controller_address, err)
+            return None
+        if not exist:
+            logger.info("The controller does not know %s; registering again", self.worker_address)
+            self.register_to_controller()
+        return exist
+
+    def beat_soon(self) -> None:
+        """Ask the heartbeat thread for an early heartbeat (the queue length changed)."""
+        self._wake.set()
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.http_timeout, trust_env=False)
+        return self._client
+
+    def start(self) -> None:
+        """Register (unless disabled) and start the daemon heartbeat thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heart_beat_loop, name="worker-heart-beat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.http_timeout + 5)
+            self._thread = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _heart_beat_loop(self) -> None:
+        if self.controller_address and self.register:
+            self.register_to_controller()
+        while not self._stop.is_set():
+            self._wake.wait(self.heart_beat_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if self.controller_address and self.register:
+                try:
+                    self.send_heart_beat()
+                except Exception:  # keep beating; one failure must not end the thread
+                    logger.exception("Heartbeat failed")
+
+    # ------------------------------------------------------------------ generation
+    def prepare(self, payload: Any) -> tuple[dict[str, Any], SamplingParams, dict[str, Any]]:
+        """Validate a payload and encode it. Returns (features, sampling params, request info). Raises
+        RequestError / ValueError naming what is wrong. Runs in the generation thread."""
+        request = parse_generate_request(payload, self.limits)
+        region_masks = []
+        if request.regions:
+            from ferret import regions as R
+
+            width, height = request.image_size
+            for spec, region in zip(request.regions, request.region_objects()):
+                try:
+                    region_masks.append(R.region_mask(region, width, height))
+                except ValueError as err:
+                    raise RequestError(f"region {spec.index} ({spec.kind}): {err}", 422) from err
+        image = request.images[0] if request.images else None
+        try:
+            features = self.processor.encode_prompt(request.prompt, image, region_masks)
+        except ValueError as err:
+            if "the limit is" in str(err):  # longer than the context: refused, never truncated
+                raise PromptTooLong(str(err)) from err
+            raise RequestError(str(err), 422) from err
+        params = SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_new_tokens=request.max_new_tokens,
+            stop=(request.stop,) if request.stop else (),
+        )
+        return features, params, {"prompt": request.prompt, "image_size": request.image_size}
+
+    def final_message(self, step: Step, prompt: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "text": prompt + step.text,
+            "error_code": int(ErrorCode.OK),
+            "finish_reason": step.finish_reason,
+            "usage": {
+                "prompt_tokens": step.prompt_tokens,
+                "completion_tokens": step.num_tokens,
+                "total_tokens": (step.prompt_tokens or 0) + step.num_tokens,
+            },
+        }
+        if image_size is not None:
+            clean, grounded = self.processor.post_process(step.text, image_size)
+            message["clean_text"] = clean
+            message["regions"] = [grounded_to_dict(g) for g in grounded]
+        return message
+
+
+def _error_response(text: str, status: int, code: ErrorCode, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"text": text, "error_code": int(code)}, status_code=status, headers=headers)
+
+
+def create_app(worker: ModelWorker):
+    """The FastAPI app of ``worker``; registration and heartbeats run for the app's lifetime."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="Ferret model worker", lifespan=lifespan)
+    app.state.worker = worker
+
+    # Handlers are async and never block: validation, encoding and generation run in the generation thread.
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request):
+        slot = worker.limiter.try_acquire()
+        if slot is None:
+            return _error_response(
+                f"the worker is busy: {worker.limiter.limit} requests are running; retry shortly",
+                429,
+                ErrorCode.SERVER_BUSY,
+                headers={"Retry-After": "1"},
+            )
+        try:
+            payload = await request.json()
+        except ValueError as err:
+            slot.release()
+            return _error_response(f"the request body is not JSON: {err}", 400, ErrorCode.BAD_REQUEST)
+        except BaseException:
+            slot.release()
+            raise
+        worker.beat_soon()
+
+        steps = AsyncSteps()
+        prepared: dict[str, Any] = {}
+
+        def prepare():
+            features, params, info = worker.prepare(payload)
+            prepared.update(info)
+            return features, params
+
+        generation = Generation(worker.model, worker.processor, prepare, SamplingParams(), steps.put, slot=slot)
+        generation.start()
+        try:
+            first = await steps.get()
+        except BaseException:
+            generation.cancel()
+            raise
+        if not first.ready:  # failed before generating: a clean 4xx
+            status, text = error_status(first.error) if first.error is not None else (500, "generation ended early")
+            return _error_response(text, status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.WORKER_ERROR)
+
+        prompt = prepared["prompt"]
+        image_size = prepared.get("image_size")
+
+        async def stream():
+            sent = 0
+            while True:
+                step = await steps.get()
+                if step.finished:
+                    if step.error is not None:
+                        yield encode_chunk({"text": f"generation failed: {step.error}", "error_code":
+                                            int(ErrorCode.WORKER_ERROR)})
+                    else:
+                        yield encode_chunk(worker.final_message(step, prompt, image_size))
+                    return
+                if step.num_tokens - sent >= worker.stream_interval:
+                    sent = step.num_tokens
+                    yield encode_chunk({"text": prompt + step.text, "error_code": int(ErrorCode.OK)})
+
+        def on_close() -> None:
+            generation.cancel()
+            worker.beat_soon()
+
+        return GuardedStreamingResponse(stream(), on_close, media_type="application/octet-stream")
+
+    @app.post("/worker_get_status")
+    async def worker_get_status():
+        return worker.status()
+
+    return app
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Ferret model worker (serves one model to a controller).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless asked otherwise)")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", default=None, help="URL the controller uses (default http://HOST:PORT)")
+    parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model-path")
+    parser.add_argument("--model-name", default=None, help="name to serve under (default: the folder name)")
+    parser.add_argument("--multi-modal", action="store_true",
+                        help="deprecated: every Ferret checkpoint is multimodal, whatever its name")
+    parser.add_argument("--keep-aspect-ratio", action="store_true",
+                        help="pad images to a square instead of stretching them (image_aspect_ratio 'pad')")
+    parser.add_argument("--num-gpus", type=int, default=1, help="ignored; use --device / CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--limit-model-concurrency", type=int, default=5)
+    parser.add_argument("--stream-interval", type=int, default=1)
+    parser.add_argument("--no-register", action="store_true", help="do not register with the controller")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--add_region_feature", action="store_true",
+                        help="accepted for compatibility: <region_fea> tokens in a prompt always get region features")
+    parser.add_argument("--image_w", type=int, default=None, help="ignored: the checkpoint sets the image size")
+    parser.add_argument("--image_h", type=int, default=None, help="ignored: the checkpoint sets the image size")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps, cpu")
+    parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL,
+                        help="seconds between heartbeats to the controller")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens,
+                        help="largest max_new_tokens a request may ask for")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.multi_modal:
+        logger.warning("--multi-modal is deprecated and has no effect: Ferret checkpoints are always multimodal")
+    if args.num_gpus != 1:
+        logger.warning("--num-gpus is ignored; choose the device with --device or CUDA_VISIBLE_DEVICES")
+    if args.image_w is not None or args.image_h is not None:
+        logger.warning("--image_w/--image_h are ignored: the image size comes from the checkpoint's config")
+    import uvicorn
+
+    from ferret.model.builder import load_pretrained_model
+
+    model_name = args.model_name or os.path.basename(os.path.normpath(args.model_path))
+    model, processor = load_pretrained_model(
+        args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device
+    )
+    if args.keep_aspect_ratio:
+        processor.image_aspect_ratio = "pad"
+    worker = ModelWorker(
+        model,
+        processor,
+        model_name,
+        args.worker_address or f"http://{args.host}:{args.port}",
+        args.controller_address,
+        limit_model_concurrency=args.limit_model_concurrency,
+        stream_interval=args.stream_interval,
+        register=not args.no_register,
+        heart_beat_interval=args.heart_beat_interval,
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit),
+    )
+    logger.info("Serving %s on %s (device %s, %s images)", model_name, worker.worker_address, model.device,
+                processor.image_aspect_ratio)
+    uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Training arguments: the original's flag names (REFERENCE §4.1), the paper recipe's values as defaults.
+
+Three dataclasses, parsed together by `transformers.HfArgumentParser`:
+
+* `ModelArguments`: which model to start from and the Ferret modules' settings;
+* `DataArguments`: the GRIT files and how regions are rendered;
+* `TrainingArguments`: `transformers.TrainingArguments` plus the original's extras (LoRA, quantisation, length).
+
+Every flag of the original launch scripts is accepted, so ``experiments/ferret_7b_train.sh`` of apple/ml-ferret
+runs unchanged. Where the original's default contradicts its own recipe (``version v0``, ``mm_vision_select_layer
+-1``, ``mm_use_im_patch_token True``, ``model_max_length 512``, ``sampler_pooler_mode mean``, ...), the recipe's
+value is the default here. Flags that transformers 5 removed (``--warmup_ratio``, ``--evaluation_strategy``,
+``--fsdp_transformer_layer_cls_to_wrap``) are translated; flags that never did anything (``--mpt_attn_impl``,
+``--lazy_preprocess``) are accepted and ignored with a log line.
+
+`parse_args(argv)` also reads YAML or JSON config files: ``train.py recipe.yaml --learning_rate 1e-5`` (or
+``--config recipe.yaml``) uses the file's keys as flags, and flags given on the command line win.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+
+logger = logging.getLogger(__name__)
+
+# Flags kept only so that old launch scripts run; their values are logged and dropped.
+IGNORED_FLAGS = ("mpt_attn_impl", "lazy_preprocess")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass
+class ModelArguments:
+    """Where the weights come from and how the Ferret modules are configured."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A Vicuna/LLaMA base (the Ferret modules are added) or an existing Ferret checkpoint "
+                          "(loaded as is); a local folder or a hub id. Not needed with --init_config."},
+    )
+    version: str = field(default="v1", metadata={"help": "Conversation template; only v1 (ferret_v1) is coherent."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (train only the Ferret modules)."})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Projector pre-training mode: train mm_projector only."}
+    )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={"help": "CLIP vision tower: a hub id (openai/clip-vit-large-patch14-336) or a local folder. "
+                          "Required for a LLaMA base; overrides the checkpoint's tower otherwise."},
+    )
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "CLIP hidden state to read (-2 = penultimate)."})
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "mm_projector.bin of a projector pre-training run (LLaVA stage 1)."}
+    )
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "Unsupported (the recipe uses False)."})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "Unsupported (the recipe uses False)."})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "'patch' (drop CLS) or 'cls_patch'."})
+    add_region_feature: bool = field(default=True, metadata={"help": "Put <region_fea> after referred regions."})
+    region_geo_sampler: bool = field(default=True, metadata={"help": "Region features from the visual sampler."})
+    sampler_pooler_mode: str = field(default="max", metadata={"help": "Sampler pooling: 'max' (recipe) or 'mean'."})
+    no_coor: bool = field(default=False, metadata={"help": "Refer with <region_fea> only, no coordinates."})
+    save_vision_tower: bool = field(
+        default=True, metadata={"help": "Write vision_tower/ into every checkpoint (the recipe does)."}
+    )
+    # New in this implementation.
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "'sdpa' (default), 'flash_attention_2' (needs flash-attn) or 'eager'."}
+    )
+    region_feature_axes: str | None = field(
+        default=None,
+        metadata={"help": "'xy' reads region features where the region is (default for a new model); "
+                          "'transposed' is the original's read, which released weights expect. Default: the "
+                          "checkpoint's own setting (an original checkpoint reads 'transposed'), 'xy' otherwise."},
+    )
+    init_config: str | None = field(
+        default=None,
+        metadata={"help": "Build a randomly initialised model instead of loading one: a named config of "
+                          "ferret.model.configs (small, ferret_7b, ferret_13b) or a JSON file of FerretConfig "
+                          "fields. Needs --tokenizer_path."},
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder (default: the model's)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """The GRIT-format training files (REFERENCE §3) and how their regions become text and masks."""
+
+    data_path: list[str] | None = field(default=None, metadata={"help": "GRIT-format JSON files."})
+    data_multiple: list[float] | None = field(
+        default=None, metadata={"help": "Per-file sampling weight (copies; fractions pick a random subset)."}
+    )
+    image_folder: list[str] | None = field(
+        default=None, metadata={"help": "Image folder per data_path (one folder is reused for all files)."}
+    )
+    dataset_type: list[str] | None = field(
+        default=None,
+        metadata={"help": "Dataset tag per data_path (vg_object, refexp, ...); default: guessed from the file "
+                          "name as the original does."},
+    )
+    lazy_preprocess: bool = field(default=True, metadata={"help": "Ignored (the dataset is always lazy)."})
+    is_multimodal: bool = field(default=True, metadata={"help": "Ignored (always multimodal)."})
+    image_aspect_ratio: str = field(default="square_nocrop", metadata={"help": "'square_nocrop' or 'pad'."})
+    resized_image_h: int | None = field(
+        default=None, metadata={"help": "Model input height; must equal the vision tower's (default: the tower's)."}
+    )
+    resized_image_w: int | None = field(
+        default=None, metadata={"help": "Model input width; must equal the vision tower's (default: the tower's)."}
+    )
+    point_input_sample: str = field(
+        default="segment_mask|center",
+        metadata={"help": "How a point is drawn from a region: segment_mask|center (recipe), segment_mask|uniform, "
+                          "segment_mask|gaussian, gaussian, center."},
+    )
+    refer_previous_point: bool = field(
+        default=False, metadata={"help": "Reuse a turn's sampled point for the same box (the recipe: False)."}
+    )
+    image_grid_pinpoints: str | None = field(default=None, metadata={"help": "Stored in the config only."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """`transformers.TrainingArguments` plus the original's training extras; defaults follow REFERENCE §4.2."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    report_to: None | str | list[str] = field(default="tensorboard")
+    logging_steps: float = field(default=1)
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep mm_projector frozen."})
+    mpt_attn_impl: str | None = field(default=None, metadata={"help": "Ignored (MPT models are not supported)."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longest sequence, image positions included (recipe: 2048)."}
+    )
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA: double quantisation of the statistics."})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA: 'nf4' or 'fp4'."})
+    bits: int = field(default=16, metadata={"help": "16 (no quantisation), 8 or 4 (QLoRA; needs bitsandbytes)."})
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the whole LLM."})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_weight_path: str = field(default="", metadata={"help": "Initial LoRA weights (a PEFT adapter folder)."})
+    lora_bias: str = field(default="none", metadata={"help": "'none', 'all' or 'lora_only'."})
+    # Flags that transformers 5 removed; translated in __post_init__ so the original's launch lines still work.
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Same as --warmup_steps RATIO (< 1)."})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Same as --eval_strategy."})
+    fsdp_transformer_layer_cls_to_wrap: str | None = field(
+        default=None, metadata={"help": "Same as fsdp_config transformer_layer_cls_to_wrap (LlamaDecoderLayer)."}
+    )
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.fsdp_transformer_layer_cls_to_wrap:
+            config = self.fsdp_config
+            if isinstance(config, str):
+                config = json.loads(config) if config.startswith("{") else _read_json(config)
+            config = dict(config or {})
+            config["transformer_layer_cls_to_wrap"] = self.fsdp_transformer_layer_cls_to_wrap.split(",")
+            self.fsdp_config = config
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"--bits must be 4, 8 or 16, got {self.bits}")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"--lora_bias must be 'none', 'all' or 'lora_only', got {self.lora_bias!r}")
+        super().__post_init__()
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _config_to_argv(path: str) -> list[str]:
+    """A YAML/JSON mapping of flag -> value as command-line words (lists as several values, dicts as JSON)."""
+    with open(path) as f:
+        if path.endswith(".json"):
+            values = json.load(f)
+        else:
+            import yaml
+
+            values = yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of argument names to values")
+    words: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        words.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            words.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            words.append(json.dumps(value))
+        else:
+            words.append(str(value))
+    return words
+
+
+def expand_config_files(argv: Sequence[str]) -> list[str]:
+    """Replaces a leading config file (or ``--config FILE``) by its flags; later command-line flags override."""
+    argv = list(argv)
+    files: list[str] = []
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        files.append(argv.pop(0))
+    while "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a file name")
+        files.append(argv[at + 1])
+        del argv[at:at + 2]
+    prefix: list[str] = []
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        prefix += _config_to_argv(path)
+    return prefix + argv
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parses command-line words (config files expanded) into the three dataclasses and checks them together."""
+    import sys
+
+    argv = expand_config_files(sys.argv[1:] if argv is None else argv)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_args(model_args, data_args, training_args, argv)
+    return model_args, data_args, training_args
+
+
+def check_args(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+               argv: Sequence[str] = ()) -> None:
+    """Cross-argument checks; normalises what the original accepted loosely (version, image folders)."""
+    for name in IGNORED_FLAGS:
+        if any(word == f"--{name}" or word.startswith(f"--{name}=") for word in argv):
+            logger.info("--%s is accepted for compatibility with the original launch scripts and ignored", name)
+    if model_args.version != "v1":
+        logger.warning("--version %s: only the v1 (ferret_v1) template is coherent with Ferret's data; using v1",
+                       model_args.version)
+        model_args.version = "v1"
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported (Ferret's recipe "
+                         "and released checkpoints use False)")
+    if model_args.model_name_or_path is None and model_args.init_config is None:
+        raise ValueError("pass --model_name_or_path (a base or Ferret checkpoint) or --init_config (a new model)")
+    if model_args.init_config is not None and model_args.tokenizer_path is None and model_args.model_name_or_path is None:
+        raise ValueError("--init_config needs --tokenizer_path (a LLaMA-style tokenizer folder)")
+    if model_args.no_coor and not model_args.add_region_feature:
+        raise ValueError("--no_coor True needs --add_region_feature True (otherwise regions vanish from the text)")
+    if model_args.region_feature_axes not in (None, "xy", "transposed"):
+        raise ValueError(f"--region_feature_axes must be 'xy' or 'transposed', got {model_args.region_feature_axes!r}")
+    if not data_args.data_path:
+        raise ValueError("pass at least one --data_path")
+    folders = data_args.image_folder or []
+    if len(folders) == 1 and len(data_args.data_path) > 1:
+        data_args.image_folder = folders * len(data_args.data_path)
+    elif len(folders) != len(data_args.data_path):
+        raise ValueError(f"--image_folder needs one folder per --data_path ({len(data_args.data_path)}), "
+                         f"got {len(folders)}")
+    for name in ("data_multiple", "dataset_type"):
+        values = getattr(data_args, name)
+        if values is not None and len(values) != len(data_args.data_path):
+            raise ValueError(f"--{name} needs one value per --data_path ({len(data_args.data_path)}), "
+                             f"got {len(values)}")
+    if (data_args.resized_image_h is None) != (data_args.resized_image_w is None) or (
+        data_args.resized_image_h is not None and data_args.resized_image_h != data_args.resized_image_w
+    ):
+        raise ValueError("--resized_image_h and --resized_image_w must be equal (the vision tower reads squares)")
+    if training_args.lora_enable and model_args.tune_mm_mlp_adapter:
+        raise ValueError("--lora_enable and --tune_mm_mlp_adapter are exclusive")
+    if training_args.bits in (4, 8) and not training_args.lora_enable:
+        raise ValueError(f"--bits {training_args.bits} trains quantised weights only through LoRA: add "
+                         "--lora_enable True")
+
+
+def as_dict(*dataclasses_: Any) -> dict[str, Any]:
+    """All fields of the given argument objects in one flat dict (for logging)."""
+    out: dict[str, Any] = {}
+    for obj in dataclasses_:
+        out.update({k: v for k, v in vars(obj).items() if not k.startswith("_")})
+    return out
