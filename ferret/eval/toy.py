@@ -285,8 +285,13 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     print(f"evaluated {a['evaluated']}, missing {a['missing']}, unexpected {a['unexpected']}")
 
 
-def _score(predictions: str, annotation_file: str, output: str | None, threshold: float) -> dict[str, Any]:
+def _score(predictions: str, annotation_file: str, output: str | None, threshold: float,
+           only_if_complete: bool = False) -> dict[str, Any] | None:
     metrics = score_toy(load_records(annotation_file), load_predictions(predictions), threshold)
+    if only_if_complete and not metrics["alignment"]["complete"]:
+        print(f"{metrics['alignment']['missing']} records have no answer yet (other chunks still running); "
+              f"score with `python -m ferret.eval.toy score --predictions {predictions} ...` when all are done")
+        return None
     metrics["predictions"] = str(predictions)
     metrics["annotation_file"] = str(annotation_file)
     out = write_json(metrics, output or metrics_path(predictions))
@@ -321,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         _score(args.predictions, args.annotation_file, args.output, args.iou_threshold)
         return 0
     folder = args.image_folder or Path(args.annotation_file).parent
-    infer_from_args(args, toy_queries(load_records(args.annotation_file), folder), KEY_FIELDS)
+    report = infer_from_args(args, toy_queries(load_records(args.annotation_file), folder), KEY_FIELDS)
     if args.command == "evaluate":
-        _score(args.answers_file, args.annotation_file, args.output, args.iou_threshold)
+        # With several chunks (or torchrun ranks) the last one to finish writes the metrics.
+        chunked = report.path != Path(args.answers_file)
+        _score(args.answers_file, args.annotation_file, args.output, args.iou_threshold, only_if_complete=chunked)
     return 0
 
 

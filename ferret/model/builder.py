@@ -68,10 +68,12 @@ def _quantization(load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype):
         raise ImportError("4/8-bit loading needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from err
     from transformers import BitsAndBytesConfig
 
+    # The projector and the sampler stay in full precision (the sampler folds its weight matrices at run time).
+    skip = ["mm_projector", "region_geo_sampler", "lm_head"]
     if load_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_quant_type="nf4")
+                              bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

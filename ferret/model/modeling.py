@@ -293,7 +293,11 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed_multimodal(input_ids, images, region_masks)
+            if images is None and region_masks is None and input_ids.shape[1] == 1 and not self.training:
+                # A cached decoding step: one plain token, no multimodal checks (they cost a device sync each).
+                inputs_embeds = self.model.embed_tokens(input_ids)
+            else:
+                inputs_embeds = self.embed_multimodal(input_ids, images, region_masks)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             inputs_embeds=inputs_embeds,

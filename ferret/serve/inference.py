@@ -303,9 +303,14 @@ class Generation:
 
         tokenizer = self.processor.tokenizer
         inputs = model_inputs(self.model, features)
+        # An answer never needs <region_fea> (regions are answered with coordinates), and a generated one would have
+        # no mask to take its feature from.
+        region_token = getattr(self.processor, "region_token_id", None)
+        suppress = {"suppress_tokens": [region_token]} if region_token is not None else {}
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
+                **suppress,
                 max_new_tokens=max_new_tokens,
                 streamer=_StepStreamer(self),
                 stopping_criteria=StoppingCriteriaList([_Cancelled(lambda: self._cancel.is_set() or self._stopped)]),

@@ -1,6 +1,6 @@
 """Samples per second of batched benchmark inference against one query at a time, same queries, same model.
 
-    python scripts/bench/bench_eval.py                    # 64 queries, 16 new tokens, batch 8 vs 1, CPU
+    python scripts/bench/bench_eval.py                    # 64 queries, 16 new tokens, batch 8 vs 1, CPU, 1 thread
     python scripts/bench/bench_eval.py --quick            # 16 queries, 8 new tokens
     python scripts/bench/bench_eval.py --hidden 256 --layers 4 --batch-size 16 --device cuda
 
@@ -95,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=56, help="model input side (patch 14)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 on CPU: a tiny model gains nothing from more, and on a "
+                             "shared machine OpenMP contention swamps the measurement)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
         args.queries, args.max_new_tokens = 16, 8
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         from transformers import AutoTokenizer

@@ -66,9 +66,11 @@ class Timers:
             end.record()
             self.pending.append((name, start, end))
         else:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             yield
             self.ms[name] += (time.perf_counter() - start) * 1000
+            # Process CPU time (all threads): steadier than wall time on a shared machine.
+            self.ms[f"{name} [cpu]"] += (time.process_time() - start_cpu) * 1000
 
     def collect(self) -> dict[str, float]:
         S.sync(self.device)
@@ -261,14 +263,22 @@ def main(argv=None) -> int:
           f"{supervised} supervised; {dtype_name(dtype)} on {where}, attn {args.attn}, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after {args.warmup} warm-up")
     print()
-    print(f"| part | forward ms | backward ms | total ms | share of parts |")
-    print(f"|---|---:|---:|---:|---:|")
+    on_cpu = device.type == "cpu"
+    cpu_head, cpu_rule = (" process CPU ms |", "---:|") if on_cpu else ("", "")
+    print(f"| part | forward ms | backward ms | total ms | share of parts |{cpu_head}")
+    print(f"|---|---:|---:|---:|---:|{cpu_rule}")
+
+    def cpu_cell(*names: str) -> str:
+        return f" {sum(medians.get(f'{n} [cpu]', 0.0) for n in names):.1f} |" if on_cpu else ""
+
     for part in PARTS:
         fwd, bwd = medians.get(f"{part} fwd", 0.0), medians.get(f"{part} bwd", 0.0)
         bwd_text = f"{bwd:.1f}" if f"{part} bwd" in medians else "-"
-        print(f"| {part} | {fwd:.1f} | {bwd_text} | {fwd + bwd:.1f} | {(fwd + bwd) / parts_sum:.1%} |")
-    print(f"| sum of parts | | | {parts_sum:.1f} | |")
-    print(f"| whole step (model(**batch).loss.backward()) | | | {whole:.1f} | |")
+        print(f"| {part} | {fwd:.1f} | {bwd_text} | {fwd + bwd:.1f} | {(fwd + bwd) / parts_sum:.1%} |"
+              + cpu_cell(f"{part} fwd", f"{part} bwd"))
+    every_piece = [f"{p} {d}" for p in PARTS for d in ("fwd", "bwd")]
+    print(f"| sum of parts | | | {parts_sum:.1f} | |" + cpu_cell(*every_piece))
+    print(f"| whole step (model(**batch).loss.backward()) | | | {whole:.1f} | |" + cpu_cell("whole step"))
     print()
     print(f"whole-step runs (ms): {', '.join(f'{t:.1f}' for t in runs['whole step'])}")
     print(f"tokens/s: {sum(lengths) / whole * 1000:,.0f} real, {padded / whole * 1000:,.0f} padded")

@@ -1,0 +1,669 @@
+"""The Ferret web demo on current Gradio (6.x): refer to regions by drawing, chat, see the grounded boxes.
+
+How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")`` no longer exists, §8 item 33):
+
+* Upload an image into the editor and draw on it with the brush; choose the *Referring Input Type* and press
+  **Add region**. The strokes drawn since the last region become one region: *Point* = the median of the new
+  stroke pixels, *Box* = their bounding box, *Sketch* = the stroke itself (a free-form mask). Each region is listed
+  in the *Referring Input Cache* as ``[regionN]``, drawn in the *Parsed Referring Input* preview, and ``[regionN]``
+  is appended to the question (it can be moved or retyped; ``<regionN>`` works too).
+* **Send** builds the ferret_v1 prompt (``<image>`` in the first turn; with ``--add_region_feature`` each
+  ``[regionN]`` becomes ``"[x1, y1, x2, y2] <region_fea>"``, otherwise just the coordinates) and streams the answer
+  from the worker the controller names, with the original protocol. Regions travel compactly (points, boxes,
+  COCO RLE for sketches; §8 item 34), never as dense lists.
+* When the answer is complete, its grounded regions (in pixels, from the worker's ``regions`` field, i.e.
+  FerretProcessor.post_process) are drawn with their phrases in *Output Vis*.
+* Conversations and votes are logged as JSON lines to ``LOGDIR/YYYY-MM-DD-conv.json`` with the start *and* the
+  real finish time (§8 item 37), images to ``LOGDIR/serve_images/<date>/<md5>.jpg``.
+
+Run::
+
+    python -m ferret.serve.gradio_web_server --controller-url http://127.0.0.1:21001 --port 7860 --add_region_feature
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+import gradio as gr  # noqa: E402 - after the environment default above
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from ferret import regions as R  # noqa: E402
+from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+from ferret.conversation import get_template
+from ferret.processing import Frame
+from ferret.serve.draw import draw_regions, region_label
+from ferret.serve.protocol import ErrorCode, StreamDecoder, build_generate_payload, region_to_dict
+
+logger = logging.getLogger(__name__)
+
+REFER_TYPES = ("Point", "Box", "Sketch")
+PLACEHOLDER = re.compile(r"\[region(\d+)\]|<region(\d+)>")
+STOP = "</s>"
+MAX_OUTPUT_TOKENS = 1024
+CONNECT_TIMEOUT = 5.0
+STREAM_TIMEOUT = 120.0  # seconds between two chunks of an answer (a CPU prefill can be slow)
+CURSOR = "▌"
+
+
+class UserError(ValueError):
+    """Something the user can fix (shown as a warning in the page)."""
+
+
+# ---------------------------------------------------------------------------------------------- session state
+
+
+@dataclass
+class WebSession:
+    """One browser session: the image, the referring regions drawn so far, and the conversation.
+
+    ``turns`` alternate human/gpt (the last may be a human turn still waiting for, or failed to get, an answer);
+    their text keeps the ``[regionN]`` placeholders, which index ``regions``. ``chat`` is what the chatbot shows.
+    """
+
+    image: Image.Image | None = None
+    image_key: str | None = None
+    regions: list[tuple[str, R.Region]] = field(default_factory=list)  # (kind, region)
+    stroke: np.ndarray | None = None  # union of the strokes already turned into regions, bool [H, W]
+    turns: list[dict[str, str]] = field(default_factory=list)
+    chat: list[dict[str, str]] = field(default_factory=list)
+    grounded: list[R.GroundedRegion] = field(default_factory=list)
+    conv_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    answer_failed: bool = False
+
+    def reset_conversation(self) -> None:
+        self.regions, self.stroke, self.turns, self.chat, self.grounded = [], None, [], [], []
+        self.conv_id = uuid.uuid4().hex
+        self.answer_failed = False
+
+    def set_image(self, image: Image.Image) -> bool:
+        """Adopt ``image``; a different image than before starts a new conversation. True when it changed."""
+        key = hashlib.md5(image.tobytes() + repr(image.size).encode()).hexdigest()
+        if key == self.image_key:
+            return False
+        self.image, self.image_key = image, key
+        self.reset_conversation()
+        return True
+
+
+def image_frame(aspect_ratio: str, width: int, height: int) -> Frame:
+    """Where the image sits on the model-input canvas; the same rule as ``FerretProcessor.frame``."""
+    if aspect_ratio == "pad":
+        side = max(width, height)
+        return Frame(width, height, (side - width) // 2, (side - height) // 2, side, side)
+    return Frame(width, height)
+
+
+# ---------------------------------------------------------------------------------------------- editor input
+
+
+def _to_array(image: Any) -> np.ndarray | None:
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        return np.asarray(image)
+    if isinstance(image, str):
+        with Image.open(image) as opened:
+            return np.asarray(opened.convert("RGBA"))
+    return np.asarray(image)
+
+
+def editor_image(value: Mapping[str, Any] | None) -> Image.Image | None:
+    """The uploaded picture (the editor's background, without strokes) as RGB; transparency becomes white."""
+    if not value:
+        return None
+    background = _to_array(value.get("background"))
+    if background is None or background.size == 0:
+        return None
+    if background.ndim == 2:
+        return Image.fromarray(background.astype(np.uint8)).convert("RGB")
+    image = Image.fromarray(background.astype(np.uint8))
+    if image.mode in ("RGBA", "LA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def editor_strokes(value: Mapping[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
+    """Union of the brush strokes in the editor's layers as bool [H, W] at the image ``size`` (W, H)."""
+    width, height = size
+    strokes = np.zeros((height, width), dtype=bool)
+    for layer in (value or {}).get("layers") or []:
+        array = _to_array(layer)
+        if array is None or array.ndim != 3:
+            continue
+        drawn = array[..., 3] > 0 if array.shape[2] == 4 else array.max(axis=2) > 0
+        if drawn.shape != (height, width):  # a layer at another resolution: bring it to the image's
+            drawn = np.asarray(Image.fromarray(drawn.astype(np.uint8) * 255).resize((width, height),
+                                                                                   Image.NEAREST)) > 0
+        strokes |= drawn
+    return strokes
+
+
+def region_from_stroke(kind: str, new: np.ndarray) -> R.Region:
+    """The region a stroke means: Point = the median stroke pixel, Box = the stroke's bbox, Sketch = the stroke."""
+    ys, xs = np.nonzero(new)
+    if len(xs) == 0:
+        raise UserError("draw on the image with the brush first, then add the region")
+    if kind == "Point":
+        return R.Point(float(np.median(xs).round()), float(np.median(ys).round()))
+    if kind == "Box":
+        return R.Box(float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    if kind == "Sketch":
+        return R.FreeForm(new.copy())
+    raise UserError(f"unknown referring input type {kind!r}; choose one of {', '.join(REFER_TYPES)}")
+
+
+def add_region(session: WebSession, editor_value: Mapping[str, Any] | None, kind: str, text: str
+               ) -> tuple[WebSession, str]:
+    """Turn the strokes drawn since the last region into a region; returns (session, text with ``[regionN]``)."""
+    image = editor_image(editor_value)
+    if image is None:
+        raise UserError("upload an image first")
+    session.set_image(image)
+    strokes = editor_strokes(editor_value, image.size)
+    previous = session.stroke if session.stroke is not None and session.stroke.shape == strokes.shape else None
+    new = strokes & ~previous if previous is not None else strokes
+    region = region_from_stroke(kind, new)
+    session.stroke = strokes
+    session.regions.append((kind.lower(), region))
+    label = region_label(len(session.regions) - 1)
+    text = (text or "").rstrip()
+    return session, f"{text} {label}".strip()
+
+
+def cache_entries(session: WebSession) -> list[tuple[str, str]]:
+    """The Referring Input Cache: ``("[regionN]", kind)`` pairs."""
+    return [(region_label(k), kind) for k, (kind, _) in enumerate(session.regions)]
+
+
+def referring_preview(session: WebSession) -> Image.Image | None:
+    if session.image is None:
+        return None
+    return draw_regions(session.image, [(region_label(k), r) for k, (_, r) in enumerate(session.regions)])
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def add_text(session: WebSession, text: str, editor_value: Mapping[str, Any] | None) -> WebSession:
+    """Append the user's question (the image must be uploaded)."""
+    text = (text or "").replace(IMAGE_TOKEN, "").replace(REGION_TOKEN, "").strip()
+    if not text:
+        raise UserError("type a question first")
+    image = editor_image(editor_value)
+    if image is not None:
+        session.set_image(image)
+    if session.image is None:
+        raise UserError("upload an image first")
+    for match in PLACEHOLDER.finditer(text):
+        k = int(match.group(1) or match.group(2))
+        if k >= len(session.regions):
+            raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(session.regions)} region(s)")
+    if session.turns and session.turns[-1]["from"] == "human":  # the previous question got no answer
+        session.turns.pop()
+        if session.answer_failed and session.chat:
+            session.chat.pop()
+        if session.chat and session.chat[-1]["role"] == "user":
+            session.chat.pop()
+    session.turns.append({"from": "human", "value": text})
+    session.chat.append({"role": "user", "content": text})
+    session.answer_failed = False
+    return session
+
+
+def build_prompt(turns: Sequence[Mapping[str, str]], regions: Sequence[R.Region], frame: Frame,
+                 add_region_feature: bool) -> tuple[str, list[R.Region]]:
+    """The ferret_v1 prompt for ``turns`` ending in an open assistant turn, and the regions whose features the
+    prompt's ``<region_fea>`` tokens need, in prompt order. ``[regionN]`` in user turns indexes ``regions``."""
+    conv = get_template("ferret_v1")
+    ordered: list[R.Region] = []
+
+    def replace(match: re.Match) -> str:
+        k = int(match.group(1) or match.group(2))
+        if k >= len(regions):
+            raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(regions)} region(s)")
+        coords = R.region_to_text(frame.to_canvas(regions[k]), frame.canvas_width, frame.canvas_height)
+        if not add_region_feature:
+            return coords
+        ordered.append(regions[k])
+        return f"{coords} {REGION_TOKEN}"
+
+    for t, turn in enumerate(turns):
+        is_user = turn["from"] == "human"
+        text = PLACEHOLDER.sub(replace, turn["value"]) if is_user else turn["value"]
+        if t == 0:
+            text = f"{IMAGE_TOKEN}\n{text}"
+        conv.append_message(conv.roles[0 if is_user else 1], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt(), ordered
+
+
+def grounded_from_message(message: Mapping[str, Any], output: str, image_size: tuple[int, int]
+                          ) -> list[R.GroundedRegion]:
+    """The answer's grounded regions: the worker's ``regions`` (pixels) when it sent them, else parsed here."""
+    wire = message.get("regions")
+    if not isinstance(wire, list):
+        return R.parse_regions(output, *image_size)
+    found = []
+    for item in wire:
+        kind = item.get("type") if isinstance(item, Mapping) else None
+        try:
+            if kind == "box":
+                region: R.Point | R.Box = R.Box(*(float(item[k]) for k in ("x1", "y1", "x2", "y2")))
+            elif kind == "point":
+                region = R.Point(float(item["x"]), float(item["y"]))
+            else:
+                continue
+        except (KeyError, TypeError, ValueError):
+            continue
+        found.append(R.GroundedRegion(phrase=str(item.get("phrase", "")), region=region, grid=(), span=(0, 0)))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- controller
+
+
+class ControllerClient:
+    """Talks to the controller (model list, worker address) and streams answers from workers."""
+
+    def __init__(self, controller_url: str):
+        self.controller_url = controller_url.rstrip("/")
+        self._client = httpx.Client(trust_env=False, timeout=httpx.Timeout(STREAM_TIMEOUT, connect=CONNECT_TIMEOUT))
+        self._aspect: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def model_list(self) -> list[str]:
+        try:
+            self._client.post(f"{self.controller_url}/refresh_all_workers", timeout=CONNECT_TIMEOUT * 2)
+            reply = self._client.post(f"{self.controller_url}/list_models", timeout=CONNECT_TIMEOUT)
+            reply.raise_for_status()
+            models = reply.json().get("models", [])
+        except (httpx.HTTPError, ValueError) as err:
+            logger.warning("Cannot list models at %s: %s", self.controller_url, err)
+            return []
+        return sorted(m for m in models if isinstance(m, str))
+
+    def worker_address(self, model: str) -> str:
+        reply = self._client.post(f"{self.controller_url}/get_worker_address", json={"model": model},
+                                  timeout=CONNECT_TIMEOUT)
+        reply.raise_for_status()
+        return str(reply.json().get("address") or "")
+
+    def aspect_ratio(self, worker: str) -> str:
+        """How the worker fits images (``square_nocrop`` unless its status says ``pad``); cached per worker."""
+        with self._lock:
+            if worker in self._aspect:
+                return self._aspect[worker]
+        aspect = "square_nocrop"
+        try:
+            reply = self._client.post(f"{worker}/worker_get_status", json={}, timeout=CONNECT_TIMEOUT)
+            aspect = reply.json().get("image_aspect_ratio") or aspect
+        except (httpx.HTTPError, ValueError, AttributeError) as err:
+            logger.warning("Cannot read the status of %s: %s", worker, err)
+        with self._lock:
+            self._aspect[worker] = aspect
+        return aspect
+
+    def stream(self, worker: str, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """The worker's messages for ``payload``; a non-200 answer becomes one message with its error."""
+        with self._client.stream("POST", f"{worker}/worker_generate_stream", json=dict(payload)) as response:
+            if response.status_code != 200:
+                body = response.read()
+                try:
+                    message = json.loads(body.rstrip(b"\0"))
+                except ValueError:
+                    message = {"text": body[:200].decode("utf-8", "replace")}
+                text = message.get("text") if isinstance(message, dict) else None
+                yield {"text": text or f"HTTP {response.status_code}",
+                       "error_code": int(message.get("error_code", ErrorCode.WORKER_ERROR))
+                       if isinstance(message, dict) else int(ErrorCode.WORKER_ERROR)}
+                return
+            decoder = StreamDecoder()
+            for raw in response.iter_bytes():
+                yield from decoder.feed(raw)
+            yield from decoder.close()
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class ConversationLog:
+    """JSON lines under ``logdir``: one file per day; images saved once under ``serve_images/<date>/``."""
+
+    def __init__(self, logdir: str):
+        self.logdir = logdir
+        self._lock = threading.Lock()
+
+    def _day(self, stamp: float) -> str:
+        return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d")
+
+    def save_image(self, image: Image.Image, stamp: float) -> str:
+        digest = hashlib.md5(image.tobytes()).hexdigest()
+        folder = os.path.join(self.logdir, "serve_images", self._day(stamp))
+        path = os.path.join(folder, f"{digest}.jpg")
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            image.save(path, format="JPEG", quality=90)
+        return path
+
+    def write(self, record: dict[str, Any]) -> str:
+        stamp = record.get("tstamp", time.time())
+        os.makedirs(self.logdir, exist_ok=True)
+        path = os.path.join(self.logdir, f"{self._day(stamp)}-conv.json")
+        line = json.dumps(record, ensure_ascii=False)
+        with self._lock, open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        return path
+
+
+def _session_record(session: WebSession) -> dict[str, Any]:
+    return {
+        "conv_id": session.conv_id,
+        "turns": list(session.turns),
+        "regions": [{"name": region_label(k), "kind": kind, **region_to_dict(r)}
+                    for k, (kind, r) in enumerate(session.regions)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the bot
+
+
+@dataclass
+class BotSettings:
+    controller: ControllerClient
+    log: ConversationLog
+    add_region_feature: bool = False
+
+
+def answer(settings: BotSettings, session: WebSession, model: str | None, temperature: float, top_p: float,
+           max_new_tokens: int, ip: str | None = None) -> Iterator[WebSession]:
+    """Stream the answer to the last question into ``session.chat``; yields the session after each update."""
+    if not session.turns or session.turns[-1]["from"] != "human":
+        return
+    start = time.time()
+    session.chat.append({"role": "assistant", "content": CURSOR})
+    yield session
+
+    def fail(text: str) -> WebSession:
+        session.chat[-1] = {"role": "assistant", "content": f"**{text}**"}
+        session.answer_failed = True
+        return session
+
+    if not model:
+        yield fail("No model is available: start a model worker, then reload the page.")
+        return
+    try:
+        worker = settings.controller.worker_address(model)
+    except (httpx.HTTPError, ValueError) as err:
+        yield fail(f"The controller cannot be reached ({err}).")
+        return
+    if not worker:
+        yield fail(f"No worker serves {model!r} right now; refresh the page or try again.")
+        return
+    image = session.image
+    frame = image_frame(settings.controller.aspect_ratio(worker), *image.size)
+    try:
+        prompt, ordered = build_prompt(session.turns, [r for _, r in session.regions], frame,
+                                       settings.add_region_feature)
+    except UserError as err:
+        yield fail(str(err))
+        return
+    payload = build_generate_payload(prompt, [image], ordered, model=model, temperature=float(temperature),
+                                     top_p=float(top_p), max_new_tokens=int(min(max_new_tokens, MAX_OUTPUT_TOKENS)),
+                                     stop=STOP)
+    output = ""
+    last: dict[str, Any] = {}
+    try:
+        for message in settings.controller.stream(worker, payload):
+            if message.get("error_code", 0) != 0:
+                yield fail(f"{message.get('text', 'error')} (error_code {message.get('error_code')})")
+                return
+            last = message
+            output = str(message.get("text", ""))[len(prompt):].strip()
+            session.chat[-1] = {"role": "assistant", "content": output + CURSOR}
+            yield session
+    except (httpx.HTTPError, ValueError) as err:
+        yield fail(f"The worker {worker} failed: {err}")
+        return
+    session.grounded = grounded_from_message(last, output, image.size)
+    session.chat[-1] = {"role": "assistant", "content": output or "*(empty answer)*"}
+    session.turns.append({"from": "gpt", "value": output})
+    finish = time.time()
+    try:
+        settings.log.write({
+            "tstamp": round(finish, 4), "type": "chat", "model": model, "start": round(start, 4),
+            "finish": round(finish, 4), "ip": ip, "image": settings.log.save_image(image, start),
+            "prompt": prompt, "output": output,
+            "grounded": [{"phrase": g.phrase, **region_to_dict(g.region)} for g in session.grounded],
+            **_session_record(session),
+        })
+    except OSError as err:
+        logger.warning("Cannot write the conversation log: %s", err)
+    yield session
+
+
+def output_visual(session: WebSession) -> Image.Image | None:
+    if session.image is None:
+        return None
+    return draw_regions(session.image, [(g.phrase or f"obj{k}", g.region) for k, g in enumerate(session.grounded)])
+
+
+def vote(settings: BotSettings, session: WebSession, model: str | None, kind: str, ip: str | None = None) -> None:
+    settings.log.write({"tstamp": round(time.time(), 4), "type": kind, "model": model, "ip": ip,
+                        **_session_record(session)})
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+def make_example_images(folder: str) -> list[str]:
+    """Writes two small example pictures (drawn here, nothing downloaded) and returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    shapes = Image.new("RGB", (320, 240), (245, 245, 240))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse([30, 40, 130, 140], fill=(220, 40, 40))
+    draw.rectangle([180, 90, 290, 200], fill=(40, 90, 220))
+    draw.polygon([(160, 20), (200, 80), (120, 80)], fill=(240, 200, 30))
+    paths.append(os.path.join(folder, "shapes.png"))
+    shapes.save(paths[-1])
+    scene = Image.new("RGB", (320, 240), (135, 200, 235))
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle([0, 170, 320, 240], fill=(70, 160, 70))
+    draw.rectangle([40, 110, 120, 175], fill=(180, 80, 60))
+    draw.polygon([(30, 110), (80, 70), (130, 110)], fill=(120, 40, 30))
+    draw.ellipse([240, 20, 290, 70], fill=(255, 220, 60))
+    paths.append(os.path.join(folder, "house.png"))
+    scene.save(paths[-1])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+TITLE = """# Ferret: refer and ground anything anywhere at any granularity
+Upload an image, draw on it with the brush, pick the **Referring Input Type** and press **Add region**; the region
+is added to your question as `[region0]`, `[region1]`, ... Then ask. Grounded answers are drawn in *Output Vis*."""
+
+
+def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str]):
+    """The Gradio Blocks app. Element ids (for tests and custom CSS): ferret_image, refer_type, add_region,
+    region_cache, region_preview, chatbot, input_text, send, regenerate, clear, upvote, downvote, output_vis."""
+
+    def warn(err: Exception) -> None:
+        gr.Warning(str(err))
+
+    def ip_of(request: gr.Request | None) -> str | None:
+        client = getattr(request, "client", None)
+        return getattr(client, "host", None)
+
+    def on_add_region(session, editor_value, kind, text):
+        session = session or WebSession()
+        try:
+            session, text = add_region(session, editor_value, kind, text)
+        except UserError as err:
+            warn(err)
+        return session, cache_entries(session), referring_preview(session), text
+
+    def on_add_text(session, text, editor_value):
+        session = session or WebSession()
+        try:
+            session = add_text(session, text, editor_value)
+            text = ""
+        except UserError as err:
+            warn(err)
+        return session, list(session.chat), text, cache_entries(session), referring_preview(session)
+
+    def on_answer(session, model, temperature, top_p, max_new_tokens, request: gr.Request):
+        session = session or WebSession()
+        for current in answer(settings, session, model, temperature, top_p, max_new_tokens, ip_of(request)):
+            yield current, list(current.chat), gr.skip()
+        yield session, list(session.chat), output_visual(session)
+
+    def on_regenerate(session):
+        session = session or WebSession()
+        if session.turns and session.turns[-1]["from"] == "gpt":
+            session.turns.pop()
+            if session.chat and session.chat[-1]["role"] == "assistant":
+                session.chat.pop()
+        elif session.answer_failed and session.chat and session.chat[-1]["role"] == "assistant":
+            session.chat.pop()
+        session.answer_failed = False
+        session.grounded = []
+        return session, list(session.chat)
+
+    def on_clear(session):
+        session = WebSession()
+        return session, [], "", [], None, None, None
+
+    def on_vote(kind):
+        def handler(session, model, request: gr.Request):
+            if session is not None and session.turns:
+                vote(settings, session, model, kind, ip_of(request))
+                gr.Info(f"Thanks for the {kind}!")
+        return handler
+
+    def refresh_models():
+        names = settings.controller.model_list()
+        return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    with gr.Blocks(title="Ferret") as demo:
+        state = gr.State(None)
+        gr.Markdown(TITLE)
+        with gr.Row():
+            with gr.Column(scale=4):
+                model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model",
+                                             interactive=True, elem_id="model_selector")
+                editor = gr.ImageEditor(
+                    type="numpy", sources=["upload", "clipboard"], layers=False, transforms=(), eraser=False,
+                    brush=gr.Brush(default_size="auto", colors=["#ff3030"], color_mode="fixed"),
+                    label="Image: draw a referring region with the brush", elem_id="ferret_image",
+                    canvas_size=(640, 480),
+                )
+                with gr.Row():
+                    refer_type = gr.Radio(list(REFER_TYPES), value="Box", label="Referring Input Type",
+                                          elem_id="refer_type")
+                    add_region_btn = gr.Button("Add region", elem_id="add_region")
+                cache = gr.HighlightedText(label="Referring Input Cache", elem_id="region_cache",
+                                           combine_adjacent=False, show_legend=False)
+                preview = gr.Image(label="Parsed Referring Input", type="pil", interactive=False,
+                                   elem_id="region_preview")
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
+                    top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
+                    max_tokens = gr.Slider(0, MAX_OUTPUT_TOKENS, value=512, step=64, label="Max output tokens")
+            with gr.Column(scale=6):
+                chatbot = gr.Chatbot(label="Ferret", elem_id="chatbot", height=460)
+                with gr.Row():
+                    textbox = gr.Textbox(show_label=False, placeholder="Ask about the image, e.g. What is [region0]?",
+                                         elem_id="input_text", scale=8)
+                    send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+                with gr.Row():
+                    upvote_btn = gr.Button("👍 Upvote", elem_id="upvote")
+                    downvote_btn = gr.Button("👎 Downvote", elem_id="downvote")
+                    regenerate_btn = gr.Button("🔄 Regenerate", elem_id="regenerate")
+                    clear_btn = gr.Button("🗑️ Clear", elem_id="clear")
+                output_vis = gr.Image(label="Output Vis", type="pil", interactive=False, elem_id="output_vis")
+        examples = make_example_images(args.examples_dir)
+        gr.Examples(examples=[[examples[0], "Describe the image."], [examples[1], "Where is the house?"]],
+                    inputs=[editor, textbox])
+
+        gen_inputs = [state, model_selector, temperature, top_p, max_tokens]
+        gen_outputs = [state, chatbot, output_vis]
+        add_region_btn.click(on_add_region, [state, editor, refer_type, textbox], [state, cache, preview, textbox])
+        for trigger in (textbox.submit, send_btn.click):
+            trigger(on_add_text, [state, textbox, editor], [state, chatbot, textbox, cache, preview]).then(
+                on_answer, gen_inputs, gen_outputs)
+        regenerate_btn.click(on_regenerate, [state], [state, chatbot]).then(on_answer, gen_inputs, gen_outputs)
+        clear_btn.click(on_clear, [state], [state, chatbot, textbox, cache, preview, output_vis, editor])
+        upvote_btn.click(on_vote("upvote"), [state, model_selector], None)
+        downvote_btn.click(on_vote("downvote"), [state, model_selector], None)
+        if args.model_list_mode == "reload":
+            demo.load(refresh_models, None, model_selector)
+    return demo
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Ferret web demo (gradio).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless asked otherwise)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--controller-url", default="http://127.0.0.1:21001")
+    parser.add_argument("--concurrency-count", type=int, default=8, help="answers generated at once")
+    parser.add_argument("--model-list-mode", choices=["once", "reload"], default="once")
+    parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
+    parser.add_argument("--moderate", action="store_true", help="accepted; moderation is not supported")
+    parser.add_argument("--embed", action="store_true", help="accepted; has no effect")
+    parser.add_argument("--add_region_feature", action="store_true",
+                        help="send region features: [regionN] becomes '[coords] <region_fea>' (the released "
+                             "Ferret checkpoints expect this)")
+    parser.add_argument("--logdir", default=os.environ.get("FERRET_LOGDIR", "serve_logs"),
+                        help="where conversations and images are logged (env FERRET_LOGDIR)")
+    parser.add_argument("--examples-dir", default=os.path.join(tempfile.gettempdir(), "ferret_serve_examples"),
+                        help="where the example images are written")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.moderate:
+        logger.warning("--moderate is not supported (it called the OpenAI moderation API); ignoring it")
+    if args.embed:
+        logger.warning("--embed has no effect")
+    controller = ControllerClient(args.controller_url)
+    settings = BotSettings(controller, ConversationLog(args.logdir), args.add_region_feature)
+    models = controller.model_list()
+    logger.info("Models: %s", models or "none yet")
+    demo = build_demo(args, settings, models)
+    demo.queue(default_concurrency_limit=args.concurrency_count)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                    allowed_paths=[args.examples_dir], footer_links=[])
+    finally:
+        controller.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""The model worker with a tiny random Ferret: every endpoint, the streaming protocol, rejected inputs, the
+concurrency limit under load (nothing hangs, nothing leaks), client disconnects, heartbeats and re-registration,
+a killed worker leaving the controller, and controller + worker + web-server logic end to end. All on 127.0.0.1."""
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from serve_helpers import (
+    LoopbackServer,
+    free_port,
+    make_checkpoint,
+    make_image,
+    scripted_generate,
+    start_process,
+    stop_process,
+    wait_for,
+)
+
+from ferret import regions as R
+from ferret.conversation import get_template
+from ferret.model.builder import load_pretrained_model
+from ferret.serve.controller import Controller
+from ferret.serve.controller import create_app as create_controller_app
+from ferret.serve.inference import model_inputs
+from ferret.serve.model_worker import ModelWorker, build_arg_parser, create_app
+from ferret.serve.protocol import ErrorCode, build_generate_payload, encode_image, iter_messages
+
+W, H = 64, 48
+LOAD_REQUESTS, LOAD_LIMIT = 50, 5
+
+
+def prompt_for(question: str) -> str:
+    conv = get_template("ferret_v1")
+    conv.append_message("USER", "<image>\n" + question)
+    conv.append_message("ASSISTANT", None)
+    return conv.get_prompt()
+
+
+BOX_PROMPT = prompt_for("What is [78, 104, 468, 625] <region_fea>?")
+BOX = R.Box(5, 5, 30, 30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-ferret", tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_pretrained_model(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def worker(loaded):
+    model, processor = loaded
+    return ModelWorker(model, processor, "tiny-ferret", "http://127.0.0.1:1", None,
+                       limit_model_concurrency=LOAD_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def server(worker):
+    with LoopbackServer(create_app(worker)) as running:
+        yield running
+
+
+def post_stream(url: str, payload, timeout: float = 60.0):
+    with httpx.Client(trust_env=False, timeout=timeout) as client:
+        reply = client.post(f"{url}/worker_generate_stream", json=payload)
+    return reply.status_code, list(iter_messages([reply.content]))
+
+
+def reference_output(loaded, payload) -> str:
+    """What the model generates for ``payload`` (greedy) when called directly, without the worker."""
+    model, processor = loaded
+    image = make_image()
+    features = processor.encode_prompt(payload["prompt"], image, [R.region_mask(BOX, W, H)])
+    with torch.no_grad():
+        ids = model.generate(**model_inputs(model, features), max_new_tokens=payload["max_new_tokens"],
+                             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                             eos_token_id=processor.tokenizer.eos_token_id,
+                             suppress_tokens=[processor.region_token_id])
+    return processor.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------- endpoints
+
+
+def test_status(server, worker):
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        status = client.post(f"{server.url}/worker_get_status").json()
+    assert status == {"model_names": ["tiny-ferret"], "speed": 1, "queue_length": 0, "limit_model_concurrency": 5,
+                      "context_length": 512, "image_aspect_ratio": "square_nocrop"}
+
+
+def test_stream_protocol_matches_direct_generation(server, loaded):
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=0.0, max_new_tokens=6,
+                                     model="tiny-ferret")
+    status, messages = post_stream(server.url, payload)
+    assert status == 200
+    assert all(m["error_code"] == 0 and m["text"].startswith(BOX_PROMPT) for m in messages)
+    outputs = [m["text"][len(BOX_PROMPT):] for m in messages]
+    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:]))  # each message extends the previous
+    final = messages[-1]
+    usage = final["usage"]
+    assert len(messages) == usage["completion_tokens"] + 1  # stream_interval 1: one per token, then the final
+    assert 1 <= usage["completion_tokens"] <= 6
+    _, processor = loaded
+    expected_prompt_tokens = len(processor.encode_prompt(BOX_PROMPT, make_image(), [R.region_mask(BOX, W, H)])
+                                 ["input_ids"])
+    assert usage["prompt_tokens"] == expected_prompt_tokens
+    assert final["finish_reason"] in ("stop", "length")
+    assert final["text"][len(BOX_PROMPT):] == reference_output(loaded, payload)
+    assert isinstance(final["regions"], list) and isinstance(final["clean_text"], str)
+    # greedy decoding is deterministic across requests
+    assert post_stream(server.url, payload)[1][-1]["text"] == final["text"]
+
+
+def test_stream_interval_and_legacy_dense_masks(server, worker):
+    mask = R.region_mask(BOX, W, H)
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], temperature=0.0, max_new_tokens=7)
+    payload["region_masks"] = [mask.T.astype(float).tolist()]  # the original's [W][H] layout
+    worker.stream_interval = 3
+    try:
+        status, messages = post_stream(server.url, payload)
+    finally:
+        worker.stream_interval = 1
+    assert status == 200
+    n = messages[-1]["usage"]["completion_tokens"]
+    assert len(messages) == n // 3 + 1
+    compact = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=0.0, max_new_tokens=7)
+    assert post_stream(server.url, compact)[1][-1]["text"] == messages[-1]["text"]  # same mask, same answer
+
+
+def test_sampling_honours_temperature_and_top_p(server):
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=1.0, top_p=1.0,
+                                     max_new_tokens=8)
+    texts = {post_stream(server.url, payload)[1][-1]["text"] for _ in range(3)}
+    assert len(texts) > 1  # sampling at T=1 over a random model's flat distribution varies
+    payload.update(temperature=1.0, top_p=1e-6)  # nucleus of one token = greedy
+    greedy = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=0.0, max_new_tokens=8)
+    assert post_stream(server.url, payload)[1][-1]["text"] == post_stream(server.url, greedy)[1][-1]["text"]
+
+
+def test_stop_string_and_grounded_regions(loaded, monkeypatch):
+    """With a scripted generate: the stop string cuts the output and the regions come back in pixels."""
+    model, processor = loaded
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(
+        processor.tokenizer, "a red circle [100, 200, 500, 600] and a dot [700, 100]### not this", calls))
+    worker = ModelWorker(model, processor, "tiny-ferret", "http://127.0.0.1:1", None)
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], max_new_tokens=100, stop="###")
+    with TestClient(create_app(worker)) as client:
+        reply = client.post("/worker_generate_stream", json=payload)
+    messages = list(iter_messages([reply.content]))
+    final = messages[-1]
+    assert final["text"] == BOX_PROMPT + "a red circle [100, 200, 500, 600] and a dot [700, 100]"
+    assert final["finish_reason"] == "stop"
+    assert all("###" not in m["text"] for m in messages)
+    # grid 0..999 -> pixels of the 64x48 image: int(v * size / 1000)
+    assert final["regions"] == [
+        {"phrase": "a red circle", "type": "box", "x1": 6.0, "y1": 9.0, "x2": 32.0, "y2": 28.0},
+        {"phrase": "a dot", "type": "point", "x": 44.0, "y": 4.0},
+    ]
+    assert final["clean_text"] == "a red circle and a dot"
+    # the model received the image and the box's mask at the right pixels
+    (call,) = calls
+    assert call["images"].shape == (1, 3, 56, 56)
+    (mask,) = call["region_masks"][0]
+    assert torch.equal(mask, torch.from_numpy(R.region_mask(BOX, W, H)))
+    assert mask[5:31, 5:31].all() and mask.sum() == 26 * 26
+
+
+# ----------------------------------------------------------------------------------------- rejected inputs
+
+
+def test_bad_inputs_get_clear_4xx(server, worker):
+    image = make_image()
+    good = build_generate_payload(BOX_PROMPT, [image], [BOX], max_new_tokens=4)
+    cases = [
+        ({**good, "images": [encode_image(image)[:200]]}, 400, "image 0"),
+        ({**good, "regions": [{"type": "box", "x1": 5, "y1": 5, "x2": 65, "y2": 30}]}, 422,
+         "region 0 (box) corner 2 (65, 30) lies outside the image of 64x48"),
+        ({**good, "prompt": prompt_for("What is [1, 1] <region_fea> and <region_fea>?")}, 422,
+         "<region_fea> 2 time(s) but 1 region(s)"),
+        ({**good, "prompt": prompt_for("dog " * 300 + "[1, 1] <region_fea>")}, 400, "the limit is 512"),
+        ({**good, "max_new_tokens": 5000}, 422, "'max_new_tokens' must be between 1 and 1024"),
+        ({**good, "temperature": -1}, 422, "'temperature' must be >= 0"),
+        ({**good, "prompt": "no image token <region_fea>"}, 422, "<image> 0 time(s) but 1 image(s)"),
+    ]
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        for payload, status, text in cases:
+            reply = client.post(f"{server.url}/worker_generate_stream", json=payload)
+            body = reply.json()
+            assert (reply.status_code, body["error_code"]) == (status, int(ErrorCode.BAD_REQUEST)), body
+            assert text in body["text"], body["text"]
+        reply = client.post(f"{server.url}/worker_generate_stream", content=b"{not json",
+                            headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and "not JSON" in reply.json()["text"]
+    assert worker.limiter.in_flight == 0
+
+
+def test_prompt_near_the_context_limit_gets_fewer_tokens(server, loaded):
+    _, processor = loaded
+    mask = R.region_mask(R.Point(1, 1), W, H)
+
+    def length(prompt):
+        return len(processor.tokenizer(prompt)["input_ids"]) + 16  # + image positions - the <image> text
+
+    dogs = 0
+    while length(prompt_for("dog " * (dogs + 1) + "[1, 1] <region_fea>")) < 490:
+        dogs += 1
+    prompt = prompt_for("dog " * dogs + "[1, 1] <region_fea>")
+    prompt_tokens = len(processor.encode_prompt(prompt, make_image(), [mask])["input_ids"])
+    assert 450 < prompt_tokens < 510
+    payload = build_generate_payload(prompt, [make_image()], [R.Point(1, 1)], temperature=0.0, max_new_tokens=1000)
+    payload["max_new_tokens"] = 1000
+    status, messages = post_stream(server.url, payload, timeout=120)
+    assert status == 200
+    usage = messages[-1]["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens and usage["total_tokens"] <= 512
+
+
+# ----------------------------------------------------------------------------------------- load and leaks
+
+
+def test_load_50_concurrent_requests_limit_5(server, worker):
+    """50 requests at once against a limit of 5: each is answered (200) or refused busy (429) at once; nothing
+    hangs; afterwards no slot is held and no thread is left."""
+    baseline = threading.active_count()
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=0.7, max_new_tokens=4)
+
+    async def one(client):
+        start = time.monotonic()
+        async with client.stream("POST", f"{server.url}/worker_generate_stream", json=payload) as reply:
+            body = await reply.aread()
+        elapsed = time.monotonic() - start
+        messages = list(iter_messages([body]))
+        return reply.status_code, elapsed, messages
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=LOAD_REQUESTS, max_keepalive_connections=0)
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client) for _ in range(LOAD_REQUESTS))), 150)
+
+    start = time.monotonic()
+    results = asyncio.run(run_all())
+    wall = time.monotonic() - start
+    answered = [(t, m) for s, t, m in results if s == 200]
+    refused = [(t, m) for s, t, m in results if s == 429]
+    assert len(answered) + len(refused) == LOAD_REQUESTS, [s for s, _, _ in results]
+    assert len(answered) >= LOAD_LIMIT and refused
+    for _, messages in answered:
+        assert messages[-1]["error_code"] == 0 and messages[-1]["finish_reason"] in ("stop", "length")
+    for _, messages in refused:
+        assert messages == [{"text": messages[0]["text"], "error_code": int(ErrorCode.SERVER_BUSY)}]
+        assert "busy" in messages[0]["text"]
+    answered_s = sorted(t for t, _ in answered)
+    refused_s = sorted(t for t, _ in refused)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+    figures = {
+        "requests": LOAD_REQUESTS, "limit": LOAD_LIMIT, "answered": len(answered), "refused": len(refused),
+        "answered_p50_s": round(statistics.median(answered_s), 3), "answered_p95_s": round(pct(answered_s, 0.95), 3),
+        "refused_p50_s": round(statistics.median(refused_s), 3), "refused_p95_s": round(pct(refused_s, 0.95), 3),
+        "wall_s": round(wall, 2),
+    }
+    print("\nLOAD TEST", json.dumps(figures))
+    report = os.environ.get("FERRET_LOAD_REPORT")
+    if report:
+        with open(report, "a") as handle:
+            handle.write(json.dumps(figures) + "\n")
+    assert max(refused_s) < 10  # refusals are immediate, not queued behind generations
+
+    wait_for(lambda: worker.limiter.in_flight == 0, 10, "all slots released")
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        assert client.post(f"{server.url}/worker_get_status").json()["queue_length"] == 0
+    wait_for(lambda: threading.active_count() <= baseline + 2, 15, "generation threads ended")
+
+
+def test_client_disconnect_releases_the_slot(server, worker, loaded, monkeypatch):
+    """A client that hangs up mid-stream cancels its generation; the slot is free long before the answer would
+    have been complete (the scripted answer takes ~40 s)."""
+    model, processor = loaded
+    monkeypatch.setattr(model, "generate", scripted_generate(processor.tokenizer, "dog " * 200, delay=0.05))
+    baseline = threading.active_count()
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], max_new_tokens=1000)
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        with client.stream("POST", f"{server.url}/worker_generate_stream", json=payload) as reply:
+            assert reply.status_code == 200
+            next(reply.iter_bytes())  # the first message arrived; now hang up
+            assert worker.limiter.in_flight == 1
+        hung_up = time.monotonic()
+    wait_for(lambda: worker.limiter.in_flight == 0, 10, "slot released after the client hung up")
+    assert time.monotonic() - hung_up < 10
+    wait_for(lambda: threading.active_count() <= baseline + 1, 10, "generation thread ended")
+
+
+# ----------------------------------------------------------------------------------------- controller
+
+
+def test_heartbeats_and_reregistration(loaded):
+    model, processor = loaded
+    controller = Controller(heart_beat_expiration=30)
+    with LoopbackServer(create_controller_app(controller)) as ctl:
+        worker = ModelWorker(model, processor, "tiny-ferret", "http://127.0.0.1:9", ctl.url, heart_beat_interval=0.2)
+        worker.start()
+        try:
+            wait_for(lambda: "http://127.0.0.1:9" in controller.workers(), 10, "registered")
+            assert controller.list_models() == ["tiny-ferret"]
+            thread = worker._thread
+            assert thread.daemon
+            first_beat = controller.workers()["http://127.0.0.1:9"].last_heart_beat
+            wait_for(lambda: controller.workers().get("http://127.0.0.1:9") and
+                     controller.workers()["http://127.0.0.1:9"].last_heart_beat > first_beat, 5, "heartbeat")
+            controller.remove_worker("http://127.0.0.1:9")  # e.g. the controller restarted
+            wait_for(lambda: "http://127.0.0.1:9" in controller.workers(), 5, "re-registered after exist: false")
+        finally:
+            worker.stop()
+        assert not thread.is_alive()
+
+
+def test_killed_worker_leaves_controller_within_expiry(checkpoint, tmp_path):
+    """A real worker process registers, serves through the controller proxy, is killed, and expires."""
+    expiration, check = 2.0, 0.2
+    controller = Controller(heart_beat_expiration=expiration, heart_beat_check_interval=check)
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    log = tmp_path / "worker.log"
+    with LoopbackServer(create_controller_app(controller)) as ctl:
+        process = start_process(["-m", "ferret.serve.model_worker", "--model-path", checkpoint, "--port", str(port),
+                                 "--controller-address", ctl.url, "--device", "cpu", "--heart-beat-interval", "0.5",
+                                 "--log-level", "warning"], log)
+        try:
+            wait_for(lambda: address in controller.workers(), 120, "worker registered", process=process, log=log)
+            assert controller.list_models() == ["tiny-ferret"]
+            payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], model="tiny-ferret",
+                                             temperature=0.0, max_new_tokens=3)
+            with httpx.Client(trust_env=False, timeout=60) as client:
+                reply = client.post(f"{ctl.url}/worker_generate_stream", json=payload)
+            messages = list(iter_messages([reply.content]))
+            assert messages[-1]["error_code"] == 0 and messages[-1]["text"].startswith(BOX_PROMPT)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+            killed = time.monotonic()
+            wait_for(lambda: address not in controller.workers(), expiration + 5, "expired after the kill")
+            assert time.monotonic() - killed <= expiration + 1.0 + check
+            assert controller.list_models() == []
+        finally:
+            stop_process(process)
+
+
+def test_end_to_end_controller_worker_web(loaded, tmp_path):
+    """Controller + worker over loopback, driven by the web server's own logic (no browser)."""
+    gws = pytest.importorskip("ferret.serve.gradio_web_server")
+    model, processor = loaded
+    controller = Controller(heart_beat_expiration=30)
+    with LoopbackServer(create_controller_app(controller)) as ctl:
+        worker = ModelWorker(model, processor, "tiny-ferret", "http://unset", ctl.url, heart_beat_interval=5)
+        wrk = LoopbackServer(create_app(worker))
+        worker.worker_address = wrk.url  # the port is bound already; the worker registers when the app starts
+        with wrk:
+            wait_for(lambda: wrk.url in controller.workers(), 10, "worker registered")
+            client = gws.ControllerClient(ctl.url)
+            try:
+                assert client.model_list() == ["tiny-ferret"]
+                settings = gws.BotSettings(client, gws.ConversationLog(str(tmp_path / "logs")), add_region_feature=True)
+                session = gws.WebSession()
+                image = make_image(96, 64)
+                strokes = np.zeros((64, 96, 4), np.uint8)
+                strokes[10:30, 20:50, 3] = 255
+                editor = {"background": np.asarray(image), "layers": [strokes], "composite": None}
+                session, text = gws.add_region(session, editor, "Box", "What is")
+                assert text == "What is [region0]" and session.regions == [("box", R.Box(20, 10, 49, 29))]
+                session = gws.add_text(session, text + "?", editor)
+                updates = list(gws.answer(settings, session, "tiny-ferret", 0.0, 0.7, 5, ip="127.0.0.1"))
+                assert updates and session.turns[-1]["from"] == "gpt"
+                assert session.chat[-1]["role"] == "assistant" and not session.answer_failed
+                assert gws.output_visual(session).size == (96, 64)
+                (log_file,) = (tmp_path / "logs").glob("*-conv.json")
+                record = json.loads(log_file.read_text().splitlines()[-1])
+                assert record["finish"] >= record["start"] and record["model"] == "tiny-ferret"
+                assert "<region_fea>" in record["prompt"] and record["regions"][0]["type"] == "box"
+                assert os.path.isfile(record["image"])
+            finally:
+                client.close()
+        assert worker.limiter.in_flight == 0
+
+
+def test_cli_flags_match_the_original():
+    args = build_arg_parser().parse_args(["--model-path", "/x/final-checkpoint", "--multi-modal", "--keep-aspect-ratio",
+                                          "--num-gpus", "2", "--add_region_feature", "--image_w", "336"])
+    assert (args.host, args.port, args.limit_model_concurrency, args.stream_interval, args.device) == (
+        "127.0.0.1", 21002, 5, 1, "auto")
+    assert args.multi_modal and args.keep_aspect_ratio and args.add_region_feature and not args.no_register
+    # the README's abbreviations are argparse prefixes
+    short = build_arg_parser().parse_args(["--model-path", "m", "--worker", "http://a:1", "--controller", "http://b:2"])
+    assert (short.worker_address, short.controller_address) == ("http://a:1", "http://b:2")
