@@ -9,7 +9,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup browser test test-fast demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[train,serve,test]"
 	touch $@
 
-test: setup
+# The Gradio UI is tested in Debian's headless chromium (driven by playwright, which never downloads a browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: chromium is not installed (needs root: apt-get install chromium); the browser test will skip"; fi; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -69,6 +69,14 @@ class Frame:
         return R.shift_region(region, -self.left, -self.top, self.width, self.height)
 
 
+def image_frame(image_aspect_ratio: str, width: int, height: int) -> Frame:
+    """Where a ``width`` x ``height`` image sits on the model-input canvas: ``pad`` centres it on a square."""
+    if image_aspect_ratio == "pad":
+        side = max(width, height)
+        return Frame(width, height, (side - width) // 2, (side - height) // 2, side, side)
+    return Frame(width, height)
+
+
 class FerretProcessor:
     """Tokenizer + image preprocessing + region handling for Ferret.
 
@@ -166,10 +174,7 @@ class FerretProcessor:
     # ------------------------------------------------------------------ images
     def frame(self, width: int, height: int) -> Frame:
         """Where an image of this size sits on the model-input canvas."""
-        if self.image_aspect_ratio == "pad":
-            side = max(width, height)
-            return Frame(width, height, (side - width) // 2, (side - height) // 2, side, side)
-        return Frame(width, height)
+        return image_frame(self.image_aspect_ratio, width, height)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised pixels [3, S, S] (float32)."""
@@ -427,16 +432,18 @@ class FerretProcessor:
         batch["image_sizes"] = [f["image_size"] for f in features]
         return batch
 
-    @staticmethod
-    def model_inputs(batch: dict[str, Any], model) -> dict[str, Any]:
-        """The model's keyword arguments from a batch, on the model's device (images in its dtype)."""
+    def model_inputs(self, batch: dict[str, Any], model) -> dict[str, Any]:
+        """The model's keyword arguments from a batch (or one encoded sample), on the model's device, images in
+        the model's dtype."""
+        if batch["input_ids"].dim() == 1:
+            batch = self.pad([batch], padding_side="left")
         device, dtype = model.device, model.dtype
-        out = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
+        out = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         if batch.get("labels") is not None:
             out["labels"] = batch["labels"].to(device)
-        if batch.get("images") is not None:
-            out["images"] = batch["images"].to(device=device, dtype=dtype)
-        out["region_masks"] = batch.get("region_masks")
+        out["images"] = batch["images"].to(device=device, dtype=dtype) if batch.get("images") is not None else None
+        masks = batch.get("region_masks")
+        out["region_masks"] = masks if masks and any(masks) else None
         return out
 
     # ------------------------------------------------------------------ output

@@ -179,6 +179,8 @@ class FreeForm:
                 )
             encoded = {"size": [h, w], "counts": raw}
         elif isinstance(counts, (list, tuple)):
+            if any(int(c) < 0 for c in counts):
+                raise ValueError("uncompressed RLE counts have a negative run length")
             if sum(int(c) for c in counts) != h * w:
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
             encoded = mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import threading
 import time
 
@@ -31,7 +30,6 @@ from ferret.conversation import get_template
 from ferret.model.builder import load_pretrained_model
 from ferret.serve.controller import Controller
 from ferret.serve.controller import create_app as create_controller_app
-from ferret.serve.inference import model_inputs
 from ferret.serve.model_worker import ModelWorker, build_arg_parser, create_app
 from ferret.serve.protocol import ErrorCode, build_generate_payload, encode_image, iter_messages
 
@@ -85,10 +83,9 @@ def reference_output(loaded, payload) -> str:
     image = make_image()
     features = processor.encode_prompt(payload["prompt"], image, [R.region_mask(BOX, W, H)])
     with torch.no_grad():
-        ids = model.generate(**model_inputs(model, features), max_new_tokens=payload["max_new_tokens"],
+        ids = model.generate(**processor.model_inputs(features, model), max_new_tokens=payload["max_new_tokens"],
                              do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
-                             eos_token_id=processor.tokenizer.eos_token_id,
-                             suppress_tokens=[processor.region_token_id])
+                             eos_token_id=processor.tokenizer.eos_token_id)
     return processor.tokenizer.decode(ids[0], skip_special_tokens=True)
 
 
@@ -109,7 +106,7 @@ def test_stream_protocol_matches_direct_generation(server, loaded):
     assert status == 200
     assert all(m["error_code"] == 0 and m["text"].startswith(BOX_PROMPT) for m in messages)
     outputs = [m["text"][len(BOX_PROMPT):] for m in messages]
-    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:]))  # each message extends the previous
+    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))  # each message extends the previous
     final = messages[-1]
     usage = final["usage"]
     assert len(messages) == usage["completion_tokens"] + 1  # stream_interval 1: one per token, then the final
@@ -233,27 +230,47 @@ def test_prompt_near_the_context_limit_gets_fewer_tokens(server, loaded):
 # ----------------------------------------------------------------------------------------- load and leaks
 
 
+def fire(url: str, payload, n: int = LOAD_REQUESTS, timeout: float = 150):
+    """``n`` concurrent POSTs of ``payload`` to ``url``: [(HTTP status, seconds, messages)], bounded by ``timeout``."""
+
+    async def one(client):
+        start = time.monotonic()
+        async with client.stream("POST", url, json=payload) as reply:
+            body = await reply.aread()
+        return reply.status_code, time.monotonic() - start, list(iter_messages([body]))
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client) for _ in range(n))), timeout)
+
+    return asyncio.run(run_all())
+
+
+def load_figures(label: str, answered: list[float], refused: list[float], wall: float) -> dict:
+    def pct(values, q):
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 3) if values else None
+
+    figures = {"path": label, "requests": len(answered) + len(refused), "limit": LOAD_LIMIT,
+               "answered": len(answered), "refused": len(refused),
+               "answered_p50_s": pct(answered, 0.5), "answered_p95_s": pct(answered, 0.95),
+               "refused_p50_s": pct(refused, 0.5), "refused_p95_s": pct(refused, 0.95), "wall_s": round(wall, 2)}
+    print("\nLOAD TEST", json.dumps(figures))
+    report = os.environ.get("FERRET_LOAD_REPORT")
+    if report:
+        with open(report, "a") as handle:
+            handle.write(json.dumps(figures) + "\n")
+    return figures
+
+
 def test_load_50_concurrent_requests_limit_5(server, worker):
     """50 requests at once against a limit of 5: each is answered (200) or refused busy (429) at once; nothing
     hangs; afterwards no slot is held and no thread is left."""
     baseline = threading.active_count()
     payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], temperature=0.7, max_new_tokens=4)
-
-    async def one(client):
-        start = time.monotonic()
-        async with client.stream("POST", f"{server.url}/worker_generate_stream", json=payload) as reply:
-            body = await reply.aread()
-        elapsed = time.monotonic() - start
-        messages = list(iter_messages([body]))
-        return reply.status_code, elapsed, messages
-
-    async def run_all():
-        limits = httpx.Limits(max_connections=LOAD_REQUESTS, max_keepalive_connections=0)
-        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one(client) for _ in range(LOAD_REQUESTS))), 150)
-
     start = time.monotonic()
-    results = asyncio.run(run_all())
+    results = fire(f"{server.url}/worker_generate_stream", payload)
     wall = time.monotonic() - start
     answered = [(t, m) for s, t, m in results if s == 200]
     refused = [(t, m) for s, t, m in results if s == 429]
@@ -264,29 +281,31 @@ def test_load_50_concurrent_requests_limit_5(server, worker):
     for _, messages in refused:
         assert messages == [{"text": messages[0]["text"], "error_code": int(ErrorCode.SERVER_BUSY)}]
         assert "busy" in messages[0]["text"]
-    answered_s = sorted(t for t, _ in answered)
-    refused_s = sorted(t for t, _ in refused)
-
-    def pct(values, q):
-        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-    figures = {
-        "requests": LOAD_REQUESTS, "limit": LOAD_LIMIT, "answered": len(answered), "refused": len(refused),
-        "answered_p50_s": round(statistics.median(answered_s), 3), "answered_p95_s": round(pct(answered_s, 0.95), 3),
-        "refused_p50_s": round(statistics.median(refused_s), 3), "refused_p95_s": round(pct(refused_s, 0.95), 3),
-        "wall_s": round(wall, 2),
-    }
-    print("\nLOAD TEST", json.dumps(figures))
-    report = os.environ.get("FERRET_LOAD_REPORT")
-    if report:
-        with open(report, "a") as handle:
-            handle.write(json.dumps(figures) + "\n")
-    assert max(refused_s) < 10  # refusals are immediate, not queued behind generations
+    load_figures("worker", [t for t, _ in answered], [t for t, _ in refused], wall)
+    assert max(t for t, _ in refused) < 10  # refusals are immediate, not queued behind generations
 
     wait_for(lambda: worker.limiter.in_flight == 0, 10, "all slots released")
     with httpx.Client(trust_env=False, timeout=10) as client:
         assert client.post(f"{server.url}/worker_get_status").json()["queue_length"] == 0
     wait_for(lambda: threading.active_count() <= baseline + 2, 15, "generation threads ended")
+
+
+def test_load_through_the_controller(server, worker):
+    """The same load routed by a controller: a busy worker's 429 reaches the client as an error_code 5 message."""
+    controller = Controller(heart_beat_expiration=30)
+    controller.register_worker(server.url, True, worker.status())
+    payload = build_generate_payload(BOX_PROMPT, [make_image()], [BOX], model="tiny-ferret", temperature=0.7,
+                                     max_new_tokens=4)
+    with LoopbackServer(create_controller_app(controller)) as ctl:
+        start = time.monotonic()
+        results = fire(f"{ctl.url}/worker_generate_stream", payload)
+        wall = time.monotonic() - start
+    assert all(status == 200 for status, _, _ in results)
+    codes = [messages[-1]["error_code"] for _, _, messages in results]
+    assert set(codes) <= {int(ErrorCode.OK), int(ErrorCode.SERVER_BUSY)} and codes.count(0) >= LOAD_LIMIT
+    load_figures("controller->worker", [t for (_, t, _), c in zip(results, codes, strict=True) if c == 0],
+                 [t for (_, t, _), c in zip(results, codes, strict=True) if c != 0], wall)
+    wait_for(lambda: worker.limiter.in_flight == 0, 10, "all slots released")
 
 
 def test_client_disconnect_releases_the_slot(server, worker, loaded, monkeypatch):
@@ -355,7 +374,7 @@ def test_killed_worker_leaves_controller_within_expiry(checkpoint, tmp_path):
             process.wait(timeout=10)
             killed = time.monotonic()
             wait_for(lambda: address not in controller.workers(), expiration + 5, "expired after the kill")
-            assert time.monotonic() - killed <= expiration + 1.0 + check
+            assert time.monotonic() - killed <= expiration + 1.5 + check  # slack for a loaded 2-core machine
             assert controller.list_models() == []
         finally:
             stop_process(process)

@@ -302,8 +302,6 @@ def generate_batches(
     if not generation.greedy:
         torch.manual_seed(generation.seed)
     kwargs = generation.generate_kwargs(processor.tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
         images, regions, within, prompts = [], [], [], []
@@ -322,15 +320,9 @@ def generate_batches(
             prompts.append(prompt)
         inputs = processor(images, [q.prompt for q in batch], regions=regions, within=within,
                            region_feature=region_feature, no_coor=no_coor)
-        pixels = inputs["images"]
+        inputs.pop("labels", None)
         with torch.inference_mode():
-            output = model.generate(
-                input_ids=inputs["input_ids"].to(device),
-                attention_mask=inputs["attention_mask"].to(device),
-                images=pixels.to(device=device, dtype=dtype) if pixels is not None else None,
-                region_masks=inputs["region_masks"],
-                **kwargs,
-            )
+            output = model.generate(**processor.model_inputs(inputs, model), **kwargs)
         texts = processor.batch_decode(output.cpu())
         yield [
             Answer(query, prompt, _clean(text), image.size)

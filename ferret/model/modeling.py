@@ -231,12 +231,12 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
 
     def region_features(self, features: torch.Tensor, has_image: torch.Tensor, region_masks: RegionMasks) -> torch.Tensor:
         """Raw CLIP features [B_img, N, C] + masks -> sampler features [R, hidden] in token order."""
-        masks, image_index = [], []
+        counts = [len(m) if m is not None else 0 for m in region_masks]
+        masks = [torch.as_tensor(m, dtype=torch.bool) for sample in region_masks for m in (sample or ())]
         image_of_sample = torch.cumsum(has_image.long(), 0) - 1
-        for sample, sample_masks in enumerate(region_masks):
-            for mask in sample_masks or ():
-                masks.append(torch.as_tensor(mask, dtype=torch.bool))
-                image_index.append(int(image_of_sample[sample]))
+        # One index per region without a host sync per region.
+        index = torch.repeat_interleave(image_of_sample, torch.tensor(counts, device=image_of_sample.device),
+                                        output_size=len(masks)).to(features.device)
         if self.config.mm_vision_select_feature == "cls_patch":
             features = features[:, 1:]
         sampler = self.model.region_geo_sampler
@@ -244,7 +244,6 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         deterministic = not self.training
         seed = self.config.sampler_eval_seed if deterministic else None
         points = sample_region_points(masks, sampler.num_init_point, seed=seed).to(features.device)
-        index = torch.tensor(image_index, device=features.device)
         sampler_dtype = sampler.dim_projector.weight.dtype
         return sampler(features.to(sampler_dtype), points, index, deterministic=deterministic)
 
@@ -352,6 +351,10 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("generate() needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        region_token = self.config.im_region_fea_token
+        if region_token is not None and "suppress_tokens" not in generate_kwargs:
+            # Answers ground with coordinates, never with <region_fea>: a generated one would have no mask.
+            generate_kwargs["suppress_tokens"] = [region_token]
         inputs_embeds = self.embed_multimodal(input_ids, images, region_masks)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 

@@ -44,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from ferret.processing import PLACEHOLDER
 from ferret.serve.http_utils import GuardedStreamingResponse
 from ferret.serve.inference import (
     AsyncSteps,
@@ -127,7 +128,8 @@ def parse_sampling(body: Mapping[str, Any], limits: RequestLimits) -> SamplingPa
     max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, limits.max_new_tokens)
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_new_tokens:
+    elif (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+          or not 1 <= max_tokens <= limits.max_new_tokens):
         raise ApiError(400, f"'{key}' must be an integer in [1, {limits.max_new_tokens}], got {max_tokens!r}", key)
     stop = body.get("stop")
     if stop is None:
@@ -137,7 +139,8 @@ def parse_sampling(body: Mapping[str, Any], limits: RequestLimits) -> SamplingPa
     elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= MAX_STOP_STRINGS:
         stops = tuple(stop)
     else:
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                       "stop")
     n = body.get("n", 1)
     if n not in (1, None):
         raise ApiError(400, f"only n=1 is supported, got {n!r}", "n")
@@ -232,7 +235,7 @@ def parse_messages(
         raise ApiError(400, "the last message must be from the user", "messages")
 
     regions: list[list[Any]] = []
-    for (where, specs), turn in zip(raw_regions, turns):
+    for (where, specs), turn in zip(raw_regions, turns, strict=True):
         if specs is None or (turn["from"] == "gpt" and "<region" not in turn["value"]):
             regions.append([])  # an assistant message echoed back with its grounded regions: nothing to refer to
             continue
@@ -242,6 +245,10 @@ def parse_messages(
             raise ApiError(400, f"{where}.regions given but the conversation has no image", "messages")
         if len(specs) > limits.max_regions:
             raise ApiError(400, f"{where} has {len(specs)} regions; at most {limits.max_regions}", "messages")
+        for match in PLACEHOLDER.finditer(turn["value"]):
+            if int(match.group(1)) >= len(specs):
+                raise ApiError(400, f"{where}: {match.group(0)} refers to region {match.group(1)} but the message "
+                               f"has {len(specs)} region(s)", "messages")
         width, height = image.size if image is not None else (0, 0)
         turn_regions = []
         for k, spec in enumerate(specs):
@@ -277,7 +284,10 @@ class ChatServer:
         turns, image, regions = parse_messages(body.get("messages"), self.allowed_image_dir, self.limits)
         info["image_size"] = image.size if image is not None else None
         try:
-            return self.processor.encode(turns, image, regions=regions, add_generation_prompt=True, truncate=False)
+            # A text-only chat has no regions (parse_messages refuses them), so its frame size is never used.
+            size = None if image is not None else (1000, 1000)
+            return self.processor.encode(turns, image, regions=regions, image_size=size, add_generation_prompt=True,
+                                         truncate=False)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from err
 
@@ -293,7 +303,7 @@ class ChatServer:
 
 def _sse(data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode("utf-8")
+    return f"data: {payload}\n\n".encode()
 
 
 def create_app(server: ChatServer) -> FastAPI:
@@ -342,7 +352,11 @@ def create_app(server: ChatServer) -> FastAPI:
         info: dict[str, Any] = {}
         generation = Generation(server.model, server.processor, lambda: server.prepare(body, info), params,
                                 steps.put, slot=slot)
-        generation.start()
+        try:
+            generation.start()
+        except BaseException:  # the thread never ran, so it cannot release the slot
+            slot.release()
+            raise
         try:
             first = await steps.get()
         except BaseException:

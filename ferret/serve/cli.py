@@ -32,6 +32,7 @@ from PIL import Image
 from ferret import regions as R
 from ferret.serve.draw import draw_regions, region_label
 from ferret.serve.inference import PromptTooLong, SamplingParams, run_sync
+from ferret.serve.protocol import RequestError, parse_region
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,20 @@ def _numbers(text: str, count: int, what: str) -> list[float]:
     return values
 
 
-def parse_region_spec(spec: str, image: Image.Image) -> R.Region:
+def parse_region_spec(spec: str, image: Image.Image, index: int = 0) -> R.Region:
     """``box:x1,y1,x2,y2`` | ``point:x,y`` | ``mask:file.png`` -> a region validated against ``image``."""
     kind, sep, rest = spec.partition(":")
     kind = kind.strip().lower()
     if not sep:
         raise ValueError(f"region {spec!r} must look like box:x1,y1,x2,y2, point:x,y or mask:file.png")
-    if kind == "box":
-        region: R.Region = R.Box(*_numbers(rest, 4, "box"))
-    elif kind == "point":
-        region = R.Point(*_numbers(rest, 2, "point"))
-    elif kind == "mask":
+    if kind in ("box", "point"):
+        names = ("x1", "y1", "x2", "y2") if kind == "box" else ("x", "y")
+        wire = {"type": kind, **dict(zip(names, _numbers(rest, len(names), kind), strict=True))}
+        try:  # the servers' rules: a point on a pixel, box corners within the image
+            return parse_region(wire, index, image.size).to_region(*image.size)
+        except RequestError as err:
+            raise ValueError(err.message) from err
+    if kind == "mask":
         try:
             with Image.open(rest) as mask_image:
                 mask = np.asarray(mask_image.convert("L")) > 0
@@ -75,11 +79,12 @@ def parse_region_spec(spec: str, image: Image.Image) -> R.Region:
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask {rest!r} is {mask.shape[1]}x{mask.shape[0]} but the image is "
                              f"{image.width}x{image.height}")
+        if not mask.any():
+            raise ValueError(f"mask {rest!r} has no non-zero pixel")
         region = R.FreeForm(mask)
-    else:
-        raise ValueError(f"region type {kind!r} in {spec!r}; expected box, point or mask")
-    R.validate_region(region, image.width, image.height)
-    return region
+        R.validate_region(region, image.width, image.height)
+        return region
+    raise ValueError(f"region type {kind!r} in {spec!r}; expected box, point or mask")
 
 
 def format_region(phrase: str, region: R.Region) -> str:
@@ -181,10 +186,8 @@ def interactive(session: ChatSession, stdin: TextIO = sys.stdin) -> None:
         if line.startswith("/"):
             command, _, rest = line.partition(" ")
             try:
-                if command == "/box":
-                    pending.append(parse_region_spec("box:" + rest, session.image))
-                elif command == "/point":
-                    pending.append(parse_region_spec("point:" + rest, session.image))
+                if command in ("/box", "/point"):
+                    pending.append(parse_region_spec(command[1:] + ":" + rest, session.image, len(pending)))
                 elif command == "/clear":
                     session.clear()
                     pending = []
@@ -199,7 +202,8 @@ def interactive(session: ChatSession, stdin: TextIO = sys.stdin) -> None:
             except ValueError as err:
                 out.write(f"error: {err}\n")
                 continue
-            out.write(f"added <region{len(pending) - 1}>: {format_region('', pending[-1]).split(chr(9), 1)[1]}\n")
+            _, kind, coords = format_region("", pending[-1]).split("\t")
+            out.write(f"added <region{len(pending) - 1}>: {kind} {coords}\n")
             continue
         try:
             session.ask(line, pending, prefix="ASSISTANT: ")
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace, model: Any, processor: Any, stdin: TextIO = sy
         print(f"error: cannot read image {args.image_file}: {err}", file=sys.stderr)
         return 2
     try:
-        regions = [parse_region_spec(spec, image) for spec in args.region]
+        regions = [parse_region_spec(spec, image, k) for k, spec in enumerate(args.region)]
         params = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

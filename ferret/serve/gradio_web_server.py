@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from ferret import regions as R  # noqa: E402
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import get_template
-from ferret.processing import Frame
+from ferret.processing import Frame, image_frame
 from ferret.serve.draw import draw_regions, region_label
 from ferret.serve.protocol import ErrorCode, StreamDecoder, build_generate_payload, region_to_dict
 
@@ -101,14 +101,6 @@ class WebSession:
         self.image, self.image_key = image, key
         self.reset_conversation()
         return True
-
-
-def image_frame(aspect_ratio: str, width: int, height: int) -> Frame:
-    """Where the image sits on the model-input canvas; the same rule as ``FerretProcessor.frame``."""
-    if aspect_ratio == "pad":
-        side = max(width, height)
-        return Frame(width, height, (side - width) // 2, (side - height) // 2, side, side)
-    return Frame(width, height)
 
 
 # ---------------------------------------------------------------------------------------------- editor input
@@ -592,7 +584,8 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
-                    max_tokens = gr.Slider(0, MAX_OUTPUT_TOKENS, value=512, step=64, label="Max output tokens")
+                    max_tokens = gr.Slider(1, MAX_OUTPUT_TOKENS, value=args.max_output_tokens, step=1,
+                                           label="Max output tokens")
             with gr.Column(scale=6):
                 chatbot = gr.Chatbot(label="Ferret", elem_id="chatbot", height=460)
                 with gr.Row():
@@ -637,6 +630,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--add_region_feature", action="store_true",
                         help="send region features: [regionN] becomes '[coords] <region_fea>' (the released "
                              "Ferret checkpoints expect this)")
+    parser.add_argument("--max-output-tokens", type=int, default=512,
+                        help="the initial value of the 'Max output tokens' slider")
     parser.add_argument("--logdir", default=os.environ.get("FERRET_LOGDIR", "serve_logs"),
                         help="where conversations and images are logged (env FERRET_LOGDIR)")
     parser.add_argument("--examples-dir", default=os.path.join(tempfile.gettempdir(), "ferret_serve_examples"),

@@ -137,10 +137,10 @@ class SamplingParams:
 class Step:
     """What a running generation reports.
 
-    ``text`` is the decoded output so far (cut before a stop string; in an intermediate step, cut before the first
-    character that is still an incomplete UTF-8 sequence, so each intermediate text is a prefix of the next). The first step has ``ready=True`` and ``prompt_tokens`` set; the last has
-    ``finished=True`` and ``finish_reason`` "stop" (eos or a stop string), "length", "cancelled" or "error" (then
-    ``error`` holds the exception).
+    ``text`` is the decoded output so far: cut before a stop string and, in an intermediate step, before the first
+    character that is still an incomplete UTF-8 sequence, so each intermediate text is a prefix of the next. The
+    first step has ``ready=True`` and ``prompt_tokens`` set; the last has ``finished=True`` and ``finish_reason``
+    "stop" (eos or a stop string), "length", "cancelled" or "error" (then ``error`` holds the exception).
     """
 
     text: str = ""
@@ -190,24 +190,6 @@ class _StepStreamer(BaseStreamer):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-
-def model_inputs(model: torch.nn.Module, features: dict[str, Any]) -> dict[str, Any]:
-    """One encoded sample (``FerretProcessor.encode`` / ``encode_prompt``) as a batch of one on the model's device.
-
-    input_ids / attention_mask [1, L]; images [1, 3, S, S] in the model's dtype or None; region_masks [[bool [H, W]]].
-    """
-    device = model.device
-    dtype = getattr(model, "dtype", torch.float32)
-    input_ids = features["input_ids"].reshape(1, -1).to(device)
-    images = features.get("images")
-    masks = list(features.get("region_masks") or [])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "images": images.unsqueeze(0).to(device=device, dtype=dtype) if images is not None else None,
-        "region_masks": [[m.to(device) for m in masks]] if masks else None,
-    }
 
 
 class Generation:
@@ -302,15 +284,10 @@ class Generation:
             return Step(finished=True, finish_reason="cancelled", prompt_tokens=prompt_tokens)
 
         tokenizer = self.processor.tokenizer
-        inputs = model_inputs(self.model, features)
-        # An answer never needs <region_fea> (regions are answered with coordinates), and a generated one would have
-        # no mask to take its feature from.
-        region_token = getattr(self.processor, "region_token_id", None)
-        suppress = {"suppress_tokens": [region_token]} if region_token is not None else {}
+        inputs = self.processor.model_inputs(features, self.model)
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
-                **suppress,
                 max_new_tokens=max_new_tokens,
                 streamer=_StepStreamer(self),
                 stopping_criteria=StoppingCriteriaList([_Cancelled(lambda: self._cancel.is_set() or self._stopped)]),

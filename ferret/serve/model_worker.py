@@ -211,7 +211,7 @@ class ModelWorker:
             from ferret import regions as R
 
             width, height = request.image_size
-            for spec, region in zip(request.regions, request.region_objects()):
+            for spec, region in zip(request.regions, request.region_objects(), strict=True):
                 try:
                     region_masks.append(R.region_mask(region, width, height))
                 except ValueError as err:
@@ -297,7 +297,11 @@ def create_app(worker: ModelWorker):
             return features, params
 
         generation = Generation(worker.model, worker.processor, prepare, SamplingParams(), steps.put, slot=slot)
-        generation.start()
+        try:
+            generation.start()
+        except BaseException:  # the thread never ran, so it cannot release the slot
+            slot.release()
+            raise
         try:
             first = await steps.get()
         except BaseException:

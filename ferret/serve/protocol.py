@@ -5,7 +5,6 @@ This module owns
   shared by the model worker, the OpenAI-style API and the Gradio UI, so all three reject the same inputs with
   the same messages;
 * ``build_generate_payload`` and ``region_to_dict``: the inverse, for clients;
-* COCO run-length encoding of masks (``mask_to_rle`` / ``rle_to_mask``), strict about corrupt data;
 * the stream framing: every message is one JSON object followed by a ``\\0`` byte (``encode_chunk``), read back
   incrementally by ``StreamDecoder``;
 * the error codes carried in streamed messages (``ErrorCode``).
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ferret import regions as R
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 
 __all__ = [
@@ -63,8 +63,6 @@ __all__ = [
     "region_to_dict",
     "grounded_to_dict",
     "build_generate_payload",
-    "mask_to_rle",
-    "rle_to_mask",
     "encode_chunk",
     "error_chunk",
     "StreamDecoder",
@@ -142,7 +140,6 @@ class RegionSpec:
 
         Raises RequestError (422) naming the region when ``ferret.regions`` rejects it (e.g. an empty polygon).
         """
-        from ferret import regions as R
 
         try:
             if self.kind == "point":
@@ -225,7 +222,7 @@ def parse_region(spec: Any, index: int, image_size: tuple[int, int]) -> RegionSp
         if not isinstance(rle, Mapping):
             raise RequestError(f"{where} (mask) needs 'rle': {{'size': [H, W], 'counts': ...}}", 400)
         try:
-            mask = rle_to_mask(rle)
+            mask = R.FreeForm.from_rle(dict(rle)).mask
         except ValueError as err:
             raise RequestError(f"{where} (mask): {err}", 400) from err
         if mask.shape != (height, width):
@@ -263,7 +260,7 @@ def parse_dense_mask(mask: Any, index: int, image_size: tuple[int, int]) -> Regi
 def region_to_dict(region: Any) -> dict[str, Any]:
     """The compact wire form of a ``ferret.regions`` Point, Box or FreeForm (pixels)."""
     if hasattr(region, "mask"):
-        return {"type": "mask", "rle": mask_to_rle(np.asarray(region.mask, dtype=bool))}
+        return {"type": "mask", "rle": region.to_rle()}
     if all(hasattr(region, k) for k in ("x1", "y1", "x2", "y2")):
         return {"type": "box", "x1": region.x1, "y1": region.y1, "x2": region.x2, "y2": region.y2}
     if hasattr(region, "x") and hasattr(region, "y"):
@@ -274,103 +271,6 @@ def region_to_dict(region: Any) -> dict[str, Any]:
 def grounded_to_dict(grounded: Any) -> dict[str, Any]:
     """A ``ferret.regions.GroundedRegion`` (pixels) as ``{"phrase": ..., "type": "box", "x1": ..., ...}``."""
     return {"phrase": grounded.phrase, **region_to_dict(grounded.region)}
-
-
-# ----------------------------------------------------------------------------------------------- RLE
-
-
-def _rle_counts_from_string(counts: str) -> list[int]:
-    """Decode COCO's compressed counts string (6-bit chunks offset by 48, runs after the 2nd delta-coded)."""
-    values: list[int] = []
-    pos = 0
-    length = len(counts)
-    while pos < length:
-        value = 0
-        shift = 0
-        while True:
-            if pos >= length:
-                raise ValueError("RLE counts string ends in the middle of a number")
-            chunk = ord(counts[pos]) - 48
-            if not 0 <= chunk < 64:
-                raise ValueError(f"RLE counts string has an invalid character {counts[pos]!r} at {pos}")
-            pos += 1
-            value |= (chunk & 0x1F) << shift
-            shift += 5
-            if not chunk & 0x20:
-                if chunk & 0x10:
-                    value -= 1 << shift  # sign-extend
-                break
-        if len(values) > 2:
-            value += values[-2]
-        values.append(value)
-    return values
-
-
-def _rle_counts_to_string(runs: Sequence[int]) -> str:
-    out = []
-    for i, run in enumerate(runs):
-        value = int(run) - (int(runs[i - 2]) if i > 2 else 0)
-        while True:
-            chunk = value & 0x1F
-            value >>= 5  # arithmetic shift: negative values end at -1
-            more = value != -1 if chunk & 0x10 else value != 0
-            if more:
-                chunk |= 0x20
-            out.append(chr(chunk + 48))
-            if not more:
-                break
-    return "".join(out)
-
-
-def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
-    """A COCO RLE dict ``{"size": [H, W], "counts": str | bytes | list[int]}`` as bool [H, W].
-
-    Stricter than pycocotools: runs must be non-negative and add up to exactly H*W, else ValueError.
-    """
-    size = rle.get("size")
-    if (
-        not isinstance(size, Sequence)
-        or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-    ):
-        raise ValueError(f"RLE 'size' must be [H, W] with positive integers, got {size!r}")
-    height, width = size
-    counts = rle.get("counts")
-    if isinstance(counts, bytes):
-        try:
-            counts = counts.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError("RLE counts bytes are not ASCII") from None
-    if isinstance(counts, str):
-        runs = _rle_counts_from_string(counts)
-    elif isinstance(counts, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
-        runs = list(counts)
-    else:
-        raise ValueError("RLE 'counts' must be a COCO counts string or a list of integers")
-    if any(r < 0 for r in runs):
-        raise ValueError("RLE has a negative run length (corrupt counts)")
-    total = sum(runs)
-    if total != height * width:
-        raise ValueError(f"RLE runs cover {total} pixels but size {height}x{width} has {height * width}")
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True  # runs alternate 0, 1, 0, ... starting with background
-    column_major = np.repeat(values, runs)
-    return np.ascontiguousarray(column_major.reshape(width, height).T)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """bool [H, W] -> COCO RLE ``{"size": [H, W], "counts": str}`` (the same string pycocotools writes)."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}")
-    height, width = mask.shape
-    flat = mask.T.reshape(-1)  # COCO counts run down columns
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate(([0], change, [flat.size]))
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0] + runs
-    return {"size": [height, width], "counts": _rle_counts_to_string(runs)}
 
 
 # ----------------------------------------------------------------------------------------------- images

@@ -68,7 +68,9 @@ def setup_distributed(argv: Sequence[str]) -> list[str]:
 
     if any(w == "--deepspeed" or w.startswith("--deepspeed=") for w in argv):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+        PartialState(backend="gloo")
+    else:  # DDP / FSDP: accelerate's multi-CPU mode
+        PartialState(cpu=True, backend="gloo")
     config: dict = {}
     if "--accelerator_config" in argv:
         at = argv.index("--accelerator_config")
@@ -80,8 +82,8 @@ def setup_distributed(argv: Sequence[str]) -> list[str]:
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
+    """INFO on the main process, warnings elsewhere (HF's --log_level / --log_level_replica)."""
     level = training_args.get_process_log_level()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.utils.logging.set_verbosity(level)
     logging.getLogger("ferret").setLevel(level)
 
@@ -396,6 +398,7 @@ def save_lora_base(model, processor, output_dir: str, training_args: TrainingArg
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     model.config._name_or_path = base_dir
+    model.name_or_path = base_dir  # peft records it as the adapter's base_model_name_or_path
     return base_dir
 
 
@@ -449,12 +452,46 @@ def save_final(trainer: FerretTrainer, output_dir: str) -> str:
     return final
 
 
+# Training-state files of a checkpoint that a model folder does not need.
+_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "global_step*", "latest",
+                "zero_to_*.py", "trainer_state.json")
+
+
+def finished_at(checkpoint: str, training_args: TrainingArguments) -> bool:
+    """Whether ``checkpoint`` is the last step of this run (the run died after its last checkpoint-N but before
+    final-checkpoint). HF's Trainer would train one step too many when resumed from it."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        state = json.load(f)
+    max_steps = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps", 0)
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+
+
+def final_from_checkpoint(checkpoint: str, output_dir: str) -> str:
+    """Publishes a finished run's last checkpoint as ``final-checkpoint`` (model files only)."""
+    final = os.path.join(output_dir, FINAL_DIR)
+    staging = os.path.join(output_dir, "tmp-" + FINAL_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns(*_STATE_FILES))
+    shutil.copy(os.path.join(checkpoint, "trainer_state.json"), os.path.join(output_dir, "trainer_state.json"))
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    logger.info("%s is the last step of this run: published it as %s", checkpoint, final)
+    return final
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> str:
     """Runs the recipe; returns the final checkpoint folder."""
     transformers.set_seed(training_args.seed)
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
         remove_staging_folders(training_args.output_dir)
+    resume = resolve_resume(training_args)
+    if resume is not None and finished_at(resume, training_args):
+        final = os.path.join(training_args.output_dir, FINAL_DIR)
+        if training_args.should_save:
+            final_from_checkpoint(resume, training_args.output_dir)
+        return final
     model, processor, from_ferret = build_model(model_args, data_args, training_args)
     configure_trainable(model, model_args, training_args)
     if training_args.gradient_checkpointing and not training_args.fsdp:
@@ -473,7 +510,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         save_vision_tower=model_args.save_vision_tower, adapter_only=model_args.tune_mm_mlp_adapter,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     return save_final(trainer, training_args.output_dir)
 
 

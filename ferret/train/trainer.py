@@ -130,7 +130,7 @@ class FerretTrainer(Trainer):
         self.adapter_only = adapter_only
         self._interval = {"samples": 0, "tokens": 0, "skipped": 0}
         self._interval_start: float | None = None
-        self._skipped_total = 0
+        self._skipped_total: int | None = None  # continues the count of a resumed run (from its log history)
 
     # ------------------------------------------------------------------ throughput and data-quality logs
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -153,6 +153,9 @@ class FerretTrainer(Trainer):
                 dist.all_reduce(counts)  # every rank logs (HF calls log() on all of them), so this is collective
             samples, tokens, skipped = counts.tolist()
             elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+            if self._skipped_total is None:
+                logged = [h["skipped_records"] for h in self.state.log_history if "skipped_records" in h]
+                self._skipped_total = int(logged[-1]) if logged else 0
             self._skipped_total += int(skipped)
             logs["samples_per_second"] = round(samples / elapsed, 3)
             logs["tokens_per_second"] = round(tokens / elapsed, 1)

@@ -180,8 +180,11 @@ def main() -> int:
     parser.add_argument("--shard-size", default="500MB", help="shard size of the generated inputs and outputs")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--quick", action="store_true", help="a 0.05B-parameter model (about a minute)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.params, args.shard_size = 5e7, "50MB"
     if args.child:
         child(args.child[0], args.child[1:])
         return 0

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     S.add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="median text tokens of a prompt besides the image")
+    parser.add_argument("--prompt-tokens", type=int, default=128,
+                        help="median text tokens of a prompt besides the image")
     parser.add_argument("--regions", type=int, default=2, help="regions referred to in each prompt")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     print(f"config {args.config}: LLaMA h{config.hidden_size} x {config.num_hidden_layers} layers, "
           f"{config.num_image_tokens} image tokens, {args.regions} regions per prompt; greedy, "
           f"{args.new_tokens} new tokens, KV cache {args.cache or 'dynamic'}; "
-          f"{[k for k, v in S.DTYPES.items() if v == dtype][0]} on {where}, attn {args.attn}; "
+          f"{next(k for k, v in S.DTYPES.items() if v == dtype)} on {where}, attn {args.attn}; "
           f"median of {args.repeats} after 1 warm-up")
     print()
     print("| batch | prompt tokens (max) | TTFT ms | tower ms | sampler ms | embed_multimodal ms | "

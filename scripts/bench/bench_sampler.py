@@ -2,6 +2,7 @@
 
     python scripts/bench/bench_sampler.py                       # 4 images x 8 regions, C=1024, CPU, fp32
     python scripts/bench/bench_sampler.py --small               # tiny dims, a few seconds
+    python scripts/bench/bench_sampler.py --quick               # --small, forward + backward, 2 repeats (make bench)
     python scripts/bench/bench_sampler.py --device cuda --dtype bf16 --backward
 
 Both run in deterministic mode, so they use the same anchors and neighbours and their outputs can be compared.
@@ -77,8 +78,11 @@ def main(argv=None):
     parser.add_argument("--backward", action="store_true", help="time forward + backward (training) instead")
     parser.add_argument("--pooler", choices=["max", "mean"], default="max")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="--small --backward with 2 repeats (for make bench)")
     args = parser.parse_args(argv)
 
+    if args.quick:
+        args.small, args.backward, args.repeats = True, True, 2
     if args.small:
         args.channels, args.output_dim, args.points, args.sub, args.neighbors = 32, 48, 64, (16, 8), (6, 6)
     else:

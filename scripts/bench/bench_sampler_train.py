@@ -159,15 +159,23 @@ def main(argv=None) -> int:
     pos = points.float()
     fps_ms = knn_ms = (0.0, 0.0)
     fps_ops = knn_ops = 0
-    for num_anchors, k in zip(anchors, neighbors):
+    for num_anchors, k in zip(anchors, neighbors, strict=True):
         start = fps_start_index(pos, False, generator)
-        fps = timed(lambda: farthest_point_sample(pos, num_anchors, start), device, args.repeats)
+
+        def fps_call(pos=pos, num_anchors=num_anchors, start=start):
+            return farthest_point_sample(pos, num_anchors, start)
+
+        fps = timed(fps_call, device, args.repeats)
         anchor_pos = gather_points(pos, fps[2])
-        knn = timed(lambda: knn_indices(anchor_pos, pos, k), device, args.repeats)
+
+        def knn_call(anchor_pos=anchor_pos, pos=pos, k=k):
+            return knn_indices(anchor_pos, pos, k)
+
+        knn = timed(knn_call, device, args.repeats)
         fps_ms = (fps_ms[0] + fps[0], fps_ms[1] + fps[1])
         knn_ms = (knn_ms[0] + knn[0], knn_ms[1] + knn[1])
-        fps_ops += count_ops(lambda: farthest_point_sample(pos, num_anchors, start))
-        knn_ops += count_ops(lambda: knn_indices(anchor_pos, pos, k))
+        fps_ops += count_ops(fps_call)
+        knn_ops += count_ops(knn_call)
         pos = anchor_pos
     pieces[f"farthest-point sampling ({' + '.join(map(str, anchors))} steps)"] = fps_ms
     pieces["kNN (all stages)"] = knn_ms

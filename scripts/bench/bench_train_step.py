@@ -25,7 +25,7 @@ not counted (that would be hardware FLOPs). On CPU MFU is printed as n/a.
 
 It also reports padding waste of right-padded batches drawn from the length distribution, against HF's
 length-grouped order (``train_sampling_strategy="group_by_length"``) and packing, and with ``--compare-grouping``
-times a random batch against a length-grouped one.
+runs one pool of samples both in random order and length-grouped, timing the whole steps.
 """
 
 from __future__ import annotations
@@ -166,37 +166,38 @@ def padding_report(config, args, rng) -> list[str]:
     grouped_waste = S.padding_waste(lengths[np.array(order)], args.batch)
     packed_waste = S.packing_waste(lengths[: args.batch * 50], int(lengths.max()))
     return [
-        f"lengths (image + text): median {int(np.median(lengths))}, p10 {int(np.percentile(lengths, 10))}, "
-        f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())} tokens "
-        f"(text log-normal, median {args.text_tokens}, sigma {args.length_spread}; synthetic, not GRIT)",
-        f"padding waste, batch {args.batch}: random right-padded {random_waste:.1%}, "
-        f"length-grouped (HF group_by_length, megabatch 50x) {grouped_waste:.1%}, "
-        f"packed into {int(lengths.max())}-token rows {packed_waste:.1%}",
+        (f"lengths (image + text): median {int(np.median(lengths))}, p10 {int(np.percentile(lengths, 10))}, "
+         f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())} tokens "
+         f"(text log-normal, median {args.text_tokens}, sigma {args.length_spread}; synthetic, not GRIT)"),
+        (f"padding waste, batch {args.batch}: random right-padded {random_waste:.1%}, "
+         f"length-grouped (HF group_by_length, megabatch 50x) {grouped_waste:.1%}, "
+         f"packed into {int(lengths.max())}-token rows {packed_waste:.1%}"),
     ]
 
 
 def compare_grouping(model, config, args, rng, device, dtype) -> list[str]:
-    """Times random batches against length-grouped batches drawn from the same pool (whole steps)."""
+    """Runs the same pool of ``batch x grouping_batches`` samples twice, in random order and in HF's length-grouped
+    order (one megabatch = the pool), and compares padding and time (whole steps)."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    pool = S.sample_specs(args.batch * 4 * args.grouping_batches, config, args.text_tokens, args.length_spread,
+    pool = S.sample_specs(args.batch * args.grouping_batches, config, args.text_tokens, args.length_spread,
                           args.regions, args.max_length, rng)
-    lengths = [s.text_tokens + config.num_image_tokens for s in pool]
-    grouped = get_length_grouped_indices(lengths, args.batch, mega_batch_mult=4,
+    samples = [S.make_sample(spec, config, rng) for spec in pool]
+    lengths = [len(s["input_ids"]) for s in samples]
+    grouped = get_length_grouped_indices(lengths, args.batch, mega_batch_mult=args.grouping_batches,
                                          generator=torch.Generator().manual_seed(1))
-    lines = []
-    for name, order in (("random", list(range(len(pool)))), ("length-grouped", grouped)):
-        real = padded = 0
-        ms = 0.0
+    lines = [(f"same {len(pool)} samples ({sum(lengths)} real tokens) in {args.grouping_batches} batches of "
+              f"{args.batch}, whole steps:")]
+    for name, order in (("random order", list(range(len(pool)))), ("length-grouped", grouped)):
+        padded, ms = 0, 0.0
         for b in range(args.grouping_batches):
-            idx = order[b * args.batch : (b + 1) * args.batch]
-            batch, lens, _ = build_batch(config, [pool[i] for i in idx], rng, device, dtype)
-            medians, _ = run_steps(model, batch, device, steps=1, warmup=1 if b == 0 else 0, parts=False)
+            chunk = [samples[i] for i in order[b * args.batch : (b + 1) * args.batch]]
+            batch = S.to_device(S.collate(chunk, padding_side="right"), device, dtype)
+            medians, _ = run_steps(model, batch, device, steps=1, warmup=0, parts=False)
             ms += medians["whole step"]
-            real += sum(lens)
             padded += batch["input_ids"].numel()
-        lines.append(f"{name:15s} {args.grouping_batches} batches: {1 - real / padded:6.1%} padding, "
-                     f"{ms / args.grouping_batches:9.1f} ms/step, {real / ms * 1000:9.0f} real tokens/s")
+        lines.append(f"  {name:15s} {1 - sum(lengths) / padded:6.1%} padding, {ms:9.1f} ms in all, "
+                     f"{sum(lengths) / ms * 1000:9.0f} real tokens/s")
     return lines
 
 
@@ -210,15 +211,18 @@ def main(argv=None) -> int:
                         help="sigma of the log-normal text length (0: every sample the same length)")
     parser.add_argument("--max-length", type=int, default=2048, help="model_max_length: longest sample")
     parser.add_argument("--regions", type=int, default=8, help="region masks (<region_fea> tokens) per sample")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing of the decoder")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="with --gradient-checkpointing: checkpoint every n-th decoder layer only")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak FLOP/s of the device (TFLOP/s)")
     parser.add_argument("--compare-grouping", action="store_true",
                         help="also time random vs length-grouped batches (whole steps)")
-    parser.add_argument("--grouping-batches", type=int, default=3)
+    parser.add_argument("--grouping-batches", type=int, default=4, help="batches in the grouping comparison")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="small config, batch 2 x 4 regions, 1 step: under a minute on CPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="small config, batch 2 x 4 regions, 1 step, 1 thread: under a minute on CPU")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
     model = S.build_bench_model(config, device, dtype, args.attn, args.seed)
     model.train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=args.checkpoint_every)
     specs = S.sample_specs(args.batch, config, args.text_tokens, args.length_spread, args.regions,
                            args.max_length, rng)
     batch, lengths, supervised = build_batch(config, specs, rng, device, dtype)
@@ -261,7 +266,8 @@ def main(argv=None) -> int:
     print(f"batch {args.batch} samples x {args.regions} regions; {sum(lengths)} real tokens, padded to "
           f"{args.batch} x {batch['input_ids'].shape[1]} = {padded} ({1 - sum(lengths) / padded:.1%} padding), "
           f"{supervised} supervised; {dtype_name(dtype)} on {where}, attn {args.attn}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after {args.warmup} warm-up")
+          f"{f'every {args.checkpoint_every} layer(s)' if args.gradient_checkpointing else 'off'}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
     print()
     on_cpu = device.type == "cpu"
     cpu_head, cpu_rule = (" process CPU ms |", "---:|") if on_cpu else ("", "")
@@ -285,9 +291,9 @@ def main(argv=None) -> int:
     print(f"splice + sampler: {(parts['splice'] + parts['sampler']) / parts_sum:.1%} of the step")
     if device.type == "cuda":
         peak = args.peak_tflops * 1e12
-        print(f"LLM model FLOPs {flops / 1e12:.1f} TFLOP/step; MFU over the whole step "
-              f"{flops / (whole / 1000) / peak:.1%}, over the LLM part alone {flops / (parts['LLM'] / 1000) / peak:.1%} "
-              f"(peak {args.peak_tflops:g} TFLOP/s)")
+        step_mfu, llm_mfu = flops / (whole / 1000) / peak, flops / (parts["LLM"] / 1000) / peak
+        print(f"LLM model FLOPs {flops / 1e12:.1f} TFLOP/step; MFU over the whole step {step_mfu:.1%}, "
+              f"over the LLM part alone {llm_mfu:.1%} (peak {args.peak_tflops:g} TFLOP/s)")
     else:
         print(f"LLM model FLOPs {flops / 1e9:.1f} GFLOP/step ({flops / (whole / 1000) / 1e9:.1f} GFLOP/s achieved); "
               "MFU n/a on CPU")

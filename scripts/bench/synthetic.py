@@ -199,7 +199,7 @@ def sample_specs(count: int, config: FerretConfig, median_text: int, spread: flo
         raise ValueError(f"max length {max_length} leaves no room for {regions} regions after the image")
     lengths = text_lengths(count, max(median_text, lo), spread, lo, hi, rng)
     sizes = rng.integers(320, 641, size=(count, 2))
-    return [SampleSpec(int(n), regions, int(w), int(h)) for n, (w, h) in zip(lengths, sizes)]
+    return [SampleSpec(int(n), regions, int(w), int(h)) for n, (w, h) in zip(lengths, sizes, strict=True)]
 
 
 def make_sample(spec: SampleSpec, config: FerretConfig, rng: np.random.Generator) -> dict:

@@ -1,0 +1,120 @@
+"""The web demo in a real headless browser: controller + model worker (tiny random Ferret) + gradio server as
+processes on 127.0.0.1; upload an image, draw a box with the mouse, ask, and get an answer and a drawn output.
+
+Needs Debian's ``chromium`` (/usr/bin/chromium) and the ``playwright`` Python package (its own browser download
+is not used); skipped with the reason when either is missing."""
+
+import json
+import os
+import time
+
+import pytest
+from PIL import Image, ImageDraw
+from serve_helpers import free_port, http_ok, make_checkpoint, start_process, stop_process, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.slow
+
+
+def _requirements() -> str | None:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"{CHROMIUM} is missing (apt-get install -y chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is missing (pip install playwright)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tokenizer_dir):
+    missing = _requirements()
+    if missing:
+        pytest.skip(missing)
+    root = tmp_path_factory.mktemp("stack")
+    checkpoint = make_checkpoint(root / "tiny-ferret", tokenizer_dir)
+    ports = {name: free_port() for name in ("controller", "worker", "web")}
+    controller_url = f"http://127.0.0.1:{ports['controller']}"
+    logs = {name: root / f"{name}.log" for name in ports}
+    processes = {}
+    try:
+        processes["controller"] = start_process(
+            ["-m", "ferret.serve.controller", "--port", str(ports["controller"]), "--log-level", "warning"],
+            logs["controller"])
+        processes["worker"] = start_process(
+            ["-m", "ferret.serve.model_worker", "--model-path", checkpoint, "--port", str(ports["worker"]),
+             "--controller-address", controller_url, "--device", "cpu", "--heart-beat-interval", "2",
+             "--log-level", "warning"], logs["worker"])
+        processes["web"] = start_process(
+            ["-m", "ferret.serve.gradio_web_server", "--controller-url", controller_url, "--port", str(ports["web"]),
+             "--model-list-mode", "reload", "--add_region_feature", "--max-output-tokens", "12",
+             "--logdir", str(root / "conv_logs"), "--examples-dir", str(root / "examples"), "--log-level", "warning"],
+            logs["web"])
+        wait_for(lambda: (http_ok(f"{controller_url}/list_models", "POST", {}) or {}).get("models") == ["tiny-ferret"],
+                 180, "the worker registered with the controller", interval=0.5, process=processes["worker"],
+                 log=logs["worker"])
+        web_url = f"http://127.0.0.1:{ports['web']}"
+        wait_for(lambda: http_ok(web_url + "/"), 180, "the web server answers", interval=0.5,
+                 process=processes["web"], log=logs["web"])
+        yield {"url": web_url, "root": root, "logs": logs}
+    finally:
+        for process in processes.values():
+            stop_process(process)
+
+
+def test_draw_a_box_ask_and_see_the_grounding(stack, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    picture = tmp_path / "picture.png"
+    image = Image.new("RGB", (160, 120), (30, 120, 200))
+    ImageDraw.Draw(image).ellipse([40, 30, 110, 90], fill=(230, 40, 40))
+    image.save(picture)
+    with sync_playwright() as playwright:
+        # playwright gives the browser a fresh temporary profile of its own
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(stack["url"], wait_until="domcontentloaded")
+            expect(page.locator("#model_selector input")).to_have_value("tiny-ferret", timeout=60_000)
+
+            page.locator("#ferret_image input[type=file]").set_input_files(str(picture))
+            canvas = page.locator("#ferret_image canvas").first
+            expect(canvas).to_be_visible()
+            time.sleep(1.0)  # the editor lays the picture out on its canvas
+            box = canvas.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 60, cy - 40)
+            page.mouse.down()
+            for step in range(1, 13):  # a diagonal stroke: its bounding box is the referring box
+                page.mouse.move(cx - 60 + 10 * step, cy - 40 + 7 * step)
+            page.mouse.up()
+
+            page.locator("#refer_type").get_by_label("Box").check()
+            page.locator("#add_region").click()
+            expect(page.locator("#region_cache")).to_contain_text("[region0]", timeout=60_000)
+            expect(page.locator("#region_preview img")).to_be_visible()
+            textbox = page.locator("#input_text textarea")
+            expect(textbox).to_have_value("[region0]")
+            textbox.fill("What is [region0]?")
+            page.locator("#send").click()
+
+            expect(page.locator("#output_vis img")).to_be_visible(timeout=120_000)
+            chat = page.locator("#chatbot")
+            expect(chat).to_contain_text("What is [region0]?")
+            answer = page.locator("#chatbot .bot, #chatbot [data-testid='bot']").last
+            expect(answer).to_be_visible()
+            assert "▌" not in chat.inner_text()  # streaming finished
+        finally:
+            browser.close()
+
+    (log_file,) = (stack["root"] / "conv_logs").glob("*-conv.json")
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert record["type"] == "chat" and record["model"] == "tiny-ferret"
+    assert record["finish"] >= record["start"]
+    (region,) = record["regions"]
+    assert region["type"] == "box" and region["x2"] > region["x1"] and region["y2"] > region["y1"]
+    assert record["prompt"].count("<region_fea>") == 1 and "<image>" in record["prompt"]
