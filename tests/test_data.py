@@ -468,3 +468,18 @@ def test_jsonl_bad_line_is_one_bad_record(tmp_path, processor):
         load_records(str(path))
     report = V.validate([str(path)])
     assert [(f.index, f.reason) for f in report.findings] == [(1, "bad_json")]
+
+
+def test_length_estimates_follow_the_records(tmp_path, processor):
+    from ferret.data.toy import make_world
+
+    make_world(tmp_path, num_train=12, num_val=0, num_test=0, image_size=56, seed=1)
+    dataset = GritDataset([str(tmp_path / "train.json")], [str(tmp_path)], processor, DataOptions(),
+                          dataset_types=["toy"])
+    lengths = dataset.lengths
+    assert len(lengths) == len(dataset)
+    actual = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    # Estimates are cheap (no tokenizer, no image) but must rank items like the real lengths do.
+    order = np.argsort(lengths)
+    assert np.corrcoef(lengths, actual)[0, 1] > 0.8
+    assert actual[order[-1]] > actual[order[0]]

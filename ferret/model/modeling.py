@@ -213,7 +213,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), projected.to(embeds.dtype))
 
         if not sum(n_regions):
-            return self._keep_unused_in_graph(embeds, projector=False, sampler=True)
+            return self._keep_unused_in_graph(embeds, projector=False, sampler=True, features=features)
         if not self.config.region_geo_sampler:
             raise ValueError("this model has no region sampler (region_geo_sampler=False) but <region_fea> was given")
         # A region token before its image would read a feature the model has not seen yet (the original asserts).
@@ -255,11 +255,24 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(f"region_masks has {len(region_masks)} entries but the batch has {batch} samples")
         return [len(m) if m is not None else 0 for m in region_masks]
 
-    def _keep_unused_in_graph(self, embeds: torch.Tensor, projector: bool, sampler: bool) -> torch.Tensor:
+    def _keep_unused_in_graph(self, embeds: torch.Tensor, projector: bool, sampler: bool,
+                              features: torch.Tensor | None = None) -> torch.Tensor:
         """Adds 0 x (unused trainable parameters) while training, so DDP/ZeRO see every parameter get a gradient
-        even for a batch without images or regions."""
+        even for a batch without images or regions.
+
+        With image ``features`` [B_img, N, C] at hand, a batch without regions runs the sampler on one dummy region
+        (the whole first image) and adds 0 x its output: the autograd graph, hence the order in which gradients
+        become ready and the order of ZeRO-3's parameter gathers, is then the same as for a batch with regions.
+        DeepSpeed ZeRO-2/3 reduce gradients in that order and need it identical on every rank.
+        """
         if not (self.training and torch.is_grad_enabled()):
             return embeds
+        if sampler and features is not None and self.config.region_geo_sampler and not projector:
+            side = self.config.num_patches_per_side
+            dummy_masks = [[torch.ones(side, side, dtype=torch.bool)]] + [[] for _ in range(features.shape[0] - 1)]
+            has_image = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+            dummy = self.region_features(features, has_image, dummy_masks)
+            return embeds + 0.0 * dummy.sum()
         modules = []
         if projector:
             modules.append(self.model.mm_projector)

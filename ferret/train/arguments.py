@@ -152,6 +152,10 @@ class TrainingArguments(transformers.TrainingArguments):
     fsdp_transformer_layer_cls_to_wrap: str | None = field(
         default=None, metadata={"help": "Same as fsdp_config transformer_layer_cls_to_wrap (LlamaDecoderLayer)."}
     )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Same as --train_sampling_strategy group_by_length: batches of similar "
+                                         "length (GritDataset's estimates), far less padding."}
+    )
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -160,6 +164,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         if self.fsdp_transformer_layer_cls_to_wrap:
             config = self.fsdp_config
             if isinstance(config, str):
@@ -189,7 +195,7 @@ def _config_to_argv(path: str) -> list[str]:
 
             values = yaml.safe_load(f)
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of argument names to values")
+        raise TypeError(f"{path}: a config file must hold a mapping of argument names to values")
     words: list[str] = []
     for key, value in values.items():
         if value is None:

@@ -17,10 +17,10 @@ One readable script, in the order it runs:
 6. the final save: ``<output_dir>/final-checkpoint/`` (the original's name, kept so its scripts find it): model,
    config, tokenizer, preprocessor_config.json, ``vision_tower/``; ``trainer_state.json`` in ``output_dir``.
 
-Distributed runs use what HF provides: ``deepspeed --num_gpus 8 -m ferret.train.train --deepspeed
-scripts/zero3.json ...``, ``torchrun`` (DDP, DeepSpeed or FSDP via ``--fsdp "full_shard auto_wrap"
+Distributed runs use what HF provides: ``deepspeed --num_gpus 8 --module ferret.train.train --deepspeed
+scripts/zero3.json ...`` or ``torchrun`` (DDP, DeepSpeed, or FSDP via ``--fsdp "full_shard auto_wrap"
 --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer``). Nothing hard-codes CUDA: on a machine without GPUs,
-torchrun processes talk over gloo (see ENVIRONMENT.md).
+torchrun processes talk over gloo (see ENVIRONMENT.md; there accelerate runs ``--fsdp`` as plain DDP).
 """
 
 from __future__ import annotations
@@ -45,8 +45,13 @@ from ferret.train.arguments import (
     expand_config_files,
     parse_args,
 )
-from ferret.train.trainer import FerretTrainer, SkipCountingCollator, SkipCountingDataset, latest_checkpoint, \
-    remove_staging_folders
+from ferret.train.trainer import (
+    FerretTrainer,
+    SkipCountingCollator,
+    SkipCountingDataset,
+    latest_checkpoint,
+    remove_staging_folders,
+)
 
 logger = logging.getLogger("ferret.train")
 
@@ -75,7 +80,11 @@ def setup_distributed(argv: Sequence[str]) -> list[str]:
     if "--accelerator_config" in argv:
         at = argv.index("--accelerator_config")
         value = argv[at + 1]
-        config = json.loads(value) if value.lstrip().startswith("{") else json.load(open(value))
+        if value.lstrip().startswith("{"):
+            config = json.loads(value)
+        else:
+            with open(value) as f:
+                config = json.load(f)
         del argv[at:at + 2]
     config["use_configured_state"] = True
     return argv + ["--accelerator_config", json.dumps(config)]
@@ -154,17 +163,17 @@ def _image_size_check(data_args: DataArguments, image_size: int) -> None:
 
 
 def _ferret_fields(model_args: ModelArguments, data_args: DataArguments) -> dict:
-    return dict(
-        mm_vision_select_layer=model_args.mm_vision_select_layer,
-        mm_vision_select_feature=model_args.mm_vision_select_feature,
-        region_geo_sampler=model_args.region_geo_sampler,
-        sampler_pooler_mode=model_args.sampler_pooler_mode,
-        add_region_feature=model_args.add_region_feature,
-        region_feature_axes=model_args.region_feature_axes or "xy",
-        image_aspect_ratio=data_args.image_aspect_ratio,
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-    )
+    return {
+        "mm_vision_select_layer": model_args.mm_vision_select_layer,
+        "mm_vision_select_feature": model_args.mm_vision_select_feature,
+        "region_geo_sampler": model_args.region_geo_sampler,
+        "sampler_pooler_mode": model_args.sampler_pooler_mode,
+        "add_region_feature": model_args.add_region_feature,
+        "region_feature_axes": model_args.region_feature_axes or "xy",
+        "image_aspect_ratio": data_args.image_aspect_ratio,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+    }
 
 
 def is_ferret_checkpoint(path: str | None, cache_dir: str | None = None) -> bool:

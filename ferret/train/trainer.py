@@ -96,6 +96,10 @@ class SkipCountingDataset(torch.utils.data.Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
+    @property
+    def lengths(self) -> list[int]:
+        return self.dataset.lengths
+
 
 class SkipCountingCollator:
     """Collates with ``collator`` and adds the batch's skipped-record count under ``SKIPPED_KEY``."""
@@ -133,6 +137,16 @@ class FerretTrainer(Trainer):
         self._skipped_total: int | None = None  # continues the count of a resumed run (from its log history)
 
     # ------------------------------------------------------------------ throughput and data-quality logs
+    def _get_train_sampler(self, train_dataset=None):
+        # Length grouping reads the dataset's cheap length estimates instead of building every item.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         skipped = inputs.pop(SKIPPED_KEY, 0)
         if self._interval_start is None:
