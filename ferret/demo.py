@@ -12,6 +12,7 @@ Files written (``out_dir`` defaults to ``runs/demo``, ``figs_dir`` to ``figs``):
 
     out_dir/world/                      the toy world and world/tokenizer/
     out_dir/model_config.json           the --init_config given to the trainer
+    out_dir/vision_tower_init/          the frozen random CLIP tower given as --vision_tower (see write_vision_tower)
     out_dir/train/                      trainer output: trainer_state.json, runs/ (tensorboard)
     out_dir/checkpoint/                 the final model (load_pretrained_model, the serving CLI)
     out_dir/test_answers.jsonl          one answer per test record (+ .metrics.json, the full scorer output)
@@ -72,6 +73,9 @@ class DemoConfig:
     num_test: int = 500
     image_size: int = 56
     max_objects: int = 2
+    # Shape sizes as fractions of the image side (the toy default is 0.2-0.36): 17-28 px shapes on 56 px images.
+    min_size_fraction: float = 0.3
+    max_size_fraction: float = 0.5
     vocab_size: int = 512
     world_seed: int = 0
     # The model (ferret.model.configs.small).
@@ -80,7 +84,7 @@ class DemoConfig:
     heads: int = 4
     vision_hidden: int = 64
     vision_layers: int = 2
-    patch_size: int = 14
+    patch_size: int = 7
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
@@ -119,7 +123,8 @@ def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path]:
     """
     from ferret.data.toy import WorldConfig, make_world, train_toy_tokenizer, world_corpus
 
-    world_config = WorldConfig(max_objects=config.max_objects)
+    world_config = WorldConfig(max_objects=config.max_objects, min_size_fraction=config.min_size_fraction,
+                               max_size_fraction=config.max_size_fraction)
     wanted = {
         "seed": config.world_seed,
         "image_size": config.image_size,
@@ -144,10 +149,51 @@ def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path]:
     return world_dir, tokenizer_dir
 
 
-def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
+def sincos_position_table(side: int, dim: int) -> "torch.Tensor":
+    """A 2-D sine-cosine position table [side * side, dim] (row-major patches; x in the first half of the
+    channels, y in the second), values in [-1, 1]."""
+    import torch
+
+    quarter = dim // 4
+    if quarter < 1:
+        raise ValueError(f"a 2-D sin-cos table needs at least 4 channels, got {dim}")
+    omega = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    x, y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+def write_vision_tower(path: Path, vision_config: dict, seed: int) -> Path:
+    """Writes the demo's frozen, randomly initialised CLIP vision tower to ``path`` (a CLIPVisionModel folder).
+
+    Why not the random tower `configs.small` builds: CLIP's random init gives the position embedding the same
+    small scale (std 0.02) as the patch weights, so after the pre-LayerNorm a patch feature says almost nothing
+    about WHERE the patch is (a linear probe recovers the patch column/row with R^2 ~0.1-0.3), and a frozen tower
+    never learns it: the LLM then cannot learn to write boxes. A trained CLIP's features do carry position; a
+    fixed 2-D sin-cos position embedding of unit scale gives the random tower the same property (R^2 > 0.98).
+    """
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(**vision_config))
+    side = vision_config["image_size"] // vision_config["patch_size"]
+    embedding = getattr(model, "vision_model", model).embeddings
+    with torch.no_grad():
+        weight = embedding.position_embedding.weight  # [1 + side * side, hidden]: CLS first
+        weight.zero_()
+        weight[1:] = sincos_position_table(side, weight.shape[1])
+    model.save_pretrained(str(path))
+    return path
+
+
+def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> tuple[Path, dict]:
     """The ``--init_config`` JSON: the size fields of `ferret.model.configs.small` for this tokenizer.
 
-    Only sizes go in the file: the trainer's own flags (``--add_region_feature`` ...) must not be overridden.
+    Only sizes go in the file: the trainer's own flags (``--add_region_feature``, ``--vision_tower`` ...) must not
+    be overridden. Returns (path, the vision tower's CLIP config).
     """
     from transformers import AutoTokenizer
 
@@ -162,27 +208,45 @@ def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> P
                          num_init_point=config.num_init_point, num_sub_point=config.num_sub_point,
                          num_neighbor=config.num_neighbor)
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "mm_vision_tower",
-            "vision_config", "mm_hidden_size", "image_size", "sampler_num_init_point", "sampler_num_sub_point",
+            "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "vision_config",
+            "mm_hidden_size", "image_size", "sampler_num_init_point", "sampler_num_sub_point",
             "sampler_num_neighbor", "im_region_fea_token")
     fields = {k: getattr(model_config, k) for k in keys}
     fields["vision_config"] = dict(fields["vision_config"])
     path.write_text(json.dumps(fields, indent=2) + "\n")
-    return path
+    return path, fields["vision_config"]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. Training and 3. evaluation, through the real entry points
 
 
-def train_args(world_dir: Path, tokenizer_dir: Path, model_config: Path, output_dir: Path, config: DemoConfig,
-               region_feature: bool = True) -> list[str]:
+@dataclass
+class Prepared:
+    """What training needs besides the settings: the world, its tokenizer, the model config and vision tower."""
+
+    world_dir: Path
+    tokenizer_dir: Path
+    model_config: Path
+    vision_tower: Path
+
+
+def prepare(out_dir: Path, config: DemoConfig) -> Prepared:
+    """World + tokenizer (cached), then the --init_config JSON and the frozen vision tower."""
+    world_dir, tokenizer_dir = prepare_world(out_dir / "world", config)
+    model_config, vision_config = write_model_config(out_dir / "model_config.json", tokenizer_dir, config)
+    tower = write_vision_tower(out_dir / "vision_tower_init", vision_config, config.seed)
+    return Prepared(world_dir.resolve(), tokenizer_dir.resolve(), model_config.resolve(), tower.resolve())
+
+
+def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_feature: bool = True) -> list[str]:
     """The `python -m ferret.train.train` command line of the demo run."""
     return [
-        "--init_config", str(model_config),
-        "--tokenizer_path", str(tokenizer_dir),
-        "--data_path", str(world_dir / "train.json"),
-        "--image_folder", str(world_dir),
+        "--init_config", str(prepared.model_config),
+        "--vision_tower", str(prepared.vision_tower),
+        "--tokenizer_path", str(prepared.tokenizer_dir),
+        "--data_path", str(prepared.world_dir / "train.json"),
+        "--image_folder", str(prepared.world_dir),
         "--dataset_type", "toy",
         "--add_region_feature", str(region_feature),
         "--output_dir", str(output_dir),
@@ -197,7 +261,7 @@ def train_args(world_dir: Path, tokenizer_dir: Path, model_config: Path, output_
         "--save_strategy", "no",
         "--report_to", "tensorboard",
         "--seed", str(config.seed),
-        "--model_max_length", "256",
+        "--model_max_length", "512",
         "--dataloader_num_workers", "0",
         "--use_cpu", "True",
         "--resume_from_checkpoint", "no",
@@ -205,8 +269,7 @@ def train_args(world_dir: Path, tokenizer_dir: Path, model_config: Path, output_
     ]
 
 
-def train(world_dir: Path, tokenizer_dir: Path, model_config: Path, run_dir: Path, config: DemoConfig,
-          region_feature: bool = True) -> dict[str, Any]:
+def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature: bool = True) -> dict[str, Any]:
     """Trains through `ferret.train.train.main` and moves the final model to ``run_dir/checkpoint``.
 
     Returns training facts: steps, seconds, seconds per step, final loss.
@@ -217,7 +280,7 @@ def train(world_dir: Path, tokenizer_dir: Path, model_config: Path, run_dir: Pat
     output_dir = run_dir / "train"
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    argv = train_args(world_dir, tokenizer_dir, model_config, output_dir, config, region_feature)
+    argv = train_args(prepared, output_dir, config, region_feature)
     logger.info("training: python -m ferret.train.train %s", " ".join(argv))
     start = time.perf_counter()
     code = train_main(argv)
@@ -354,6 +417,12 @@ def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: i
 # The demo
 
 
+def _display(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter commands to copy)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def _chat_command(checkpoint: Path, world_dir: Path) -> str:
     from ferret.eval.toy import load_records
 
@@ -361,7 +430,8 @@ def _chat_command(checkpoint: Path, world_dir: Path) -> str:
     pick = next((r for r in records if r["task"] == "refer" and r["region_type"][0] == ["box"]), records[0])
     boxes = pick["box_x1y1x2y2"][0] or [pick["objects"][0]["box"]]
     region = ",".join(str(v) for v in boxes[0])
-    return (f'python -m ferret.serve.cli --model-path {checkpoint} --image-file {world_dir / pick["image"]} '
+    return (f'python -m ferret.serve.cli --model-path {_display(checkpoint)} '
+            f'--image-file {_display(world_dir / pick["image"])} '
             f'--query "What is <region0>?" --region box:{region}')
 
 
@@ -393,10 +463,9 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
         torch.set_num_threads(config.threads)
     total_start = time.perf_counter()
 
-    world_dir, tokenizer_dir = prepare_world(out_dir / "world", config)
-    model_config = write_model_config(out_dir / "model_config.json", tokenizer_dir, config)
-
-    training = train(world_dir, tokenizer_dir, model_config, out_dir, config, region_feature=True)
+    prepared = prepare(out_dir, config)
+    world_dir = prepared.world_dir
+    training = train(prepared, out_dir, config, region_feature=True)
     checkpoint = out_dir / CHECKPOINT_DIR
     scores = evaluate(checkpoint, world_dir, out_dir, config, region_feature=True)
     result: dict[str, Any] = {
@@ -411,7 +480,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
 
     if ablation:
         off_dir = out_dir / "ablation_no_region_feature"
-        off_training = train(world_dir, tokenizer_dir, model_config, off_dir, config, region_feature=False)
+        off_training = train(prepared, off_dir, config, region_feature=False)
         off_scores = evaluate(off_dir / CHECKPOINT_DIR, world_dir, off_dir, config, region_feature=False)
         histories["region features off"] = training_history(off_dir / "train")
         comparison = {

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+import torch
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_run_demo_writes_every_output(tmp_path):
-    from ferret.demo import HEADLINE, run_demo
+    from ferret.demo import HEADLINE, run_demo, sincos_position_table
     from ferret.model.builder import load_pretrained_model
 
     out, figs = tmp_path / "demo", tmp_path / "figs"
@@ -37,3 +37,20 @@ def test_run_demo_writes_every_output(tmp_path):
     model, processor = load_pretrained_model(str(out / "checkpoint"), device="cpu")
     assert model.config.hidden_size == metrics["config"]["hidden"]
     assert processor.image_size == metrics["config"]["image_size"]
+    # The trained checkpoint carries the demo's frozen tower, with its 2-D sin-cos position embedding.
+    clip = model.vision_tower.vision_tower
+    position = getattr(clip, "vision_model", clip).embeddings.position_embedding.weight
+    side = metrics["config"]["image_size"] // metrics["config"]["patch_size"]
+    torch.testing.assert_close(position[1:], sincos_position_table(side, position.shape[1]))
+
+
+def test_sincos_position_table_tells_patches_apart():
+    from ferret.demo import sincos_position_table
+
+    table = sincos_position_table(4, 64)
+    assert table.shape == (16, 64)
+    distances = (table[:, None] - table[None]).norm(dim=-1)
+    assert distances[~torch.eye(16, dtype=torch.bool)].min() > 0.5  # every patch has its own code
+    # x lives in the first half of the channels, y in the second: patches of one column share the x half
+    assert (table[0, :32] - table[4, :32]).abs().max() < 1e-6
+    assert (table[0, 32:] - table[1, 32:]).abs().max() < 1e-6
