@@ -84,18 +84,25 @@ def test_draw_a_box_ask_and_see_the_grounding(stack, tmp_path):
             page.locator("#ferret_image input[type=file]").set_input_files(str(picture))
             canvas = page.locator("#ferret_image canvas").first
             expect(canvas).to_be_visible()
-            time.sleep(1.0)  # the editor lays the picture out on its canvas
-            box = canvas.bounding_box()
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            page.mouse.move(cx - 60, cy - 40)
-            page.mouse.down()
-            for step in range(1, 13):  # a diagonal stroke: its bounding box is the referring box
-                page.mouse.move(cx - 60 + 10 * step, cy - 40 + 7 * step)
-            page.mouse.up()
-
             page.locator("#refer_type").get_by_label("Box").check()
-            page.locator("#add_region").click()
-            expect(page.locator("#region_cache")).to_contain_text("[region0]", timeout=60_000)
+            # The editor lays the picture out asynchronously; a stroke drawn before that is lost, so on a loaded
+            # machine draw again (a bounded number of times) until the region is registered.
+            for attempt in range(5):
+                time.sleep(1.0 + attempt)
+                box = canvas.bounding_box()
+                cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                page.mouse.move(cx - 60, cy - 40)
+                page.mouse.down()
+                for step in range(1, 13):  # a diagonal stroke: its bounding box is the referring box
+                    page.mouse.move(cx - 60 + 10 * step, cy - 40 + 7 * step)
+                page.mouse.up()
+                page.locator("#add_region").click()
+                try:
+                    expect(page.locator("#region_cache")).to_contain_text("[region0]", timeout=15_000)
+                    break
+                except AssertionError:
+                    if attempt == 4:
+                        raise
             expect(page.locator("#region_preview img")).to_be_visible()
             textbox = page.locator("#input_text textarea")
             expect(textbox).to_have_value("[region0]")
