@@ -153,6 +153,51 @@ def test_describe_masks_are_exactly_the_painted_pixels(world, records):
             assert np.array_equal(painted, mask), (r["id"], color)
 
 
+def test_pixel_owners_are_the_describe_masks(world, records):
+    """Read back from the PNG, each object's pixels are exactly its mask in a describe record."""
+    folder, _ = world
+    names = toy.WorldConfig().names
+    for r in [r for r in records if r["task"] == "describe"]:
+        owners = toy.pixel_owners(r, _image(folder, r), names)
+        for box, rle in zip(r["box_x1y1x2y2"][1], r["masks"][1]):
+            (obj,) = [o for o in r["objects"] if o["box"] == box]
+            assert np.array_equal(owners == 1 + names.index(obj["name"]), FreeForm.from_rle(rle).mask), r["id"]
+        assert (owners > 0).sum() == sum(FreeForm.from_rle(rle).mask.sum() for rle in r["masks"][1])
+
+
+def test_patch_targets_by_hand():
+    """A 16 px image with a red square on pixels 2..9, cut in 8 px patches."""
+    image = np.full((16, 16, 3), 230, dtype=np.uint8)
+    image[2:10, 2:10] = COLOR_RGB["red"]
+    names = ["red square", "blue circle"]
+    record = {"id": "r0", "image_w": 16, "image_h": 16,
+              "objects": [{"name": "red square", "color": "red", "shape": "square", "box": [2, 2, 9, 9]}]}
+    shares, boxes = toy.patch_targets(record, image, names, size=16, patch=8)
+    # patch (row 0, col 0) holds 6x6 red pixels, (0, 1) and (1, 0) hold 6x2, (1, 1) holds 2x2
+    np.testing.assert_allclose(shares[:, 1], [36 / 64, 12 / 64, 12 / 64, 4 / 64])
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    assert (shares[:, 2] == 0).all()
+    np.testing.assert_allclose(boxes[0], [2 / 16, 2 / 16, 10 / 16, 10 / 16])
+    assert (boxes[1:] == 0).all()  # the background covers most of the other three patches
+
+    # A model input twice the image size: the same shares, pooled from the upsampled owner map.
+    big_shares, big_boxes = toy.patch_targets(record, image, names, size=32, patch=16)
+    np.testing.assert_allclose(big_shares, shares)
+    np.testing.assert_allclose(big_boxes, boxes)
+
+
+def test_patch_targets_name_bad_input():
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    record = {"id": "r7", "image_w": 16, "image_h": 16,
+              "objects": [{"name": "red star", "color": "red", "shape": "star", "box": [0, 0, 3, 3]}]}
+    with pytest.raises(ValueError, match="r7.*'red star'"):
+        toy.patch_targets(record, image, ["red square"], size=16, patch=8)
+    with pytest.raises(ValueError, match="r7.*20x16"):
+        toy.patch_targets({**record, "image_w": 20}, image, ["red star"], size=16, patch=8)
+    with pytest.raises(ValueError, match="multiple of patch"):
+        toy.patch_targets(record, image, ["red star"], size=16, patch=5)
+
+
 def test_shapes_keep_most_of_their_area_and_some_overlap():
     config = WorldConfig()
     overlapping = 0

@@ -431,6 +431,54 @@ def make_world(
     return result
 
 
+def pixel_owners(record: dict, image: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Which object each pixel of a toy image shows: int64 [H, W], 0 = background, 1 + names.index(name).
+
+    Read back from the PNG: an object's visible pixels are exactly the pixels of its colour inside its box (two
+    shapes of one colour never touch, so their boxes do not overlap).
+    """
+    height, width = image.shape[:2]
+    if (record.get("image_w"), record.get("image_h")) != (width, height):
+        raise ValueError(f"record {record.get('id')!r}: image is {width}x{height}, the record says "
+                         f"{record.get('image_w')}x{record.get('image_h')}")
+    owners = np.zeros((height, width), dtype=np.int64)
+    for obj in record["objects"]:
+        if obj["name"] not in names:
+            raise ValueError(f"record {record.get('id')!r}: object {obj['name']!r} is not one of {list(names)}")
+        x1, y1, x2, y2 = obj["box"]
+        inside = (image[y1:y2 + 1, x1:x2 + 1] == np.asarray(COLOR_RGB[obj["color"]], dtype=image.dtype)).all(-1)
+        owners[y1:y2 + 1, x1:x2 + 1][inside] = 1 + list(names).index(obj["name"])
+    return owners
+
+
+def patch_targets(record: dict, image: np.ndarray, names: Sequence[str], size: int,
+                  patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense per-patch targets of one toy image as a model sees it (resized to `size`, cut in `patch` squares).
+
+    Returns ``(shares, boxes)``, patches in row-major order (G = size // patch):
+
+    * ``shares`` float32 [G*G, 1 + len(names)]: the fraction of the patch's pixels showing the background
+      (column 0) or each object name (column 1 + names.index(name)); rows sum to 1;
+    * ``boxes`` float32 [G*G, 4]: the box (x1, y1, x2 + 1, y2 + 1) / image side of the object covering most of
+      the patch, zeros where the background does.
+    """
+    if size % patch:
+        raise ValueError(f"size {size} is not a multiple of patch {patch}")
+    owners = pixel_owners(record, image, names)
+    height, width = owners.shape
+    if owners.shape != (size, size):
+        owners = np.asarray(Image.fromarray(owners.astype(np.int32)).resize((size, size), Image.NEAREST))
+    grid = size // patch
+    one_hot = np.eye(1 + len(names), dtype=np.float32)[owners]
+    shares = one_hot.reshape(grid, patch, grid, patch, -1).mean(axis=(1, 3)).reshape(grid * grid, -1)
+    scale = np.asarray([width, height, width, height], dtype=np.float32)
+    object_boxes = np.zeros((1 + len(names), 4), dtype=np.float32)
+    for obj in record["objects"]:
+        x1, y1, x2, y2 = obj["box"]
+        object_boxes[1 + list(names).index(obj["name"])] = np.asarray([x1, y1, x2 + 1, y2 + 1]) / scale
+    return shares, object_boxes[shares.argmax(axis=1)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
 

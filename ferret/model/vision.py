@@ -97,6 +97,10 @@ class CLIPVisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, S, S] -> features [B, N, C] (N = (S / patch)^2, plus 1 with ``cls_patch``)."""
+        return self.features(pixel_values)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`forward` with autograd left to the caller (pretraining a tower; Ferret itself keeps it frozen)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"images must be shaped [B, 3, S, S], got {tuple(pixel_values.shape)}")
         size = self.config.image_size

@@ -47,13 +47,12 @@ from PIL import Image
 from ferret.processing import PLACEHOLDER
 from ferret.serve.http_utils import GuardedStreamingResponse
 from ferret.serve.inference import (
-    AsyncSteps,
     ConcurrencyLimiter,
-    Generation,
     PromptTooLong,
     SamplingParams,
     Step,
     stable_prefix,
+    start_streaming,
 )
 from ferret.serve.protocol import (
     RequestError,
@@ -348,20 +347,9 @@ def create_app(server: ChatServer) -> FastAPI:
         if slot is None:
             return ApiError(429, f"the server is busy: {server.limiter.limit} requests are running; retry shortly",
                             type="server_busy", code="server_busy").response(headers={"Retry-After": "1"})
-        steps = AsyncSteps()
         info: dict[str, Any] = {}
-        generation = Generation(server.model, server.processor, lambda: server.prepare(body, info), params,
-                                steps.put, slot=slot)
-        try:
-            generation.start()
-        except BaseException:  # the thread never ran, so it cannot release the slot
-            slot.release()
-            raise
-        try:
-            first = await steps.get()
-        except BaseException:
-            generation.cancel()
-            raise
+        generation, steps, first = await start_streaming(server.model, server.processor,
+                                                         lambda: server.prepare(body, info), params, slot)
         if not first.ready:
             return api_error_from(first.error or RuntimeError("generation ended early")).response()
 

@@ -369,3 +369,31 @@ class AsyncSteps:
 
     async def get(self) -> Step:
         return await self._queue.get()
+
+
+async def start_streaming(
+    model: torch.nn.Module,
+    processor: Any,
+    prepare: Callable[[], Any],
+    params: SamplingParams,
+    slot: Slot | None = None,
+) -> tuple[Generation, AsyncSteps, Step]:
+    """Start a generation for an asyncio server and await its first step: ``ready``, or the error that ended it.
+
+    Returns (generation, its steps, the first step). The slot is released if the thread never starts, and the
+    generation is cancelled if the caller is cancelled while waiting.
+    """
+    steps = AsyncSteps()
+    generation = Generation(model, processor, prepare, params, steps.put, slot=slot)
+    try:
+        generation.start()
+    except BaseException:  # the thread never ran, so it cannot release the slot
+        if slot is not None:
+            slot.release()
+        raise
+    try:
+        first = await steps.get()
+    except BaseException:
+        generation.cancel()
+        raise
+    return generation, steps, first

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse
 
 from ferret.constants import WORKER_HEART_BEAT_INTERVAL
 from ferret.serve.http_utils import GuardedStreamingResponse
-from ferret.serve.inference import AsyncSteps, ConcurrencyLimiter, Generation, PromptTooLong, SamplingParams, Step
+from ferret.serve.inference import ConcurrencyLimiter, PromptTooLong, SamplingParams, Step, start_streaming
 from ferret.serve.protocol import (
     ErrorCode,
     RequestError,
@@ -288,7 +288,6 @@ def create_app(worker: ModelWorker):
             raise
         worker.beat_soon()
 
-        steps = AsyncSteps()
         prepared: dict[str, Any] = {}
 
         def prepare():
@@ -296,17 +295,8 @@ def create_app(worker: ModelWorker):
             prepared.update(info)
             return features, params
 
-        generation = Generation(worker.model, worker.processor, prepare, SamplingParams(), steps.put, slot=slot)
-        try:
-            generation.start()
-        except BaseException:  # the thread never ran, so it cannot release the slot
-            slot.release()
-            raise
-        try:
-            first = await steps.get()
-        except BaseException:
-            generation.cancel()
-            raise
+        generation, steps, first = await start_streaming(worker.model, worker.processor, prepare, SamplingParams(),
+                                                         slot)
         if not first.ready:  # failed before generating: a clean 4xx
             status, text = error_status(first.error) if first.error is not None else (500, "generation ended early")
             return _error_response(text, status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.WORKER_ERROR)
