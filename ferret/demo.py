@@ -54,17 +54,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Headline numbers of `ferret.eval.toy.score_toy`'s summary, under the names metrics.json uses.
-HEADLINE = {
-    "refer_point_accuracy": "refer_point_accuracy",
-    "refer_box_accuracy": "refer_box_accuracy",
-    "refer_free_form_accuracy": "refer_free_form_accuracy",
-    "refer_accuracy": "refer_accuracy",
-    "refer_choice_accuracy": "refer_choice_accuracy",
-    "ground_acc@0.5": "ground_acc@0.5",
-    "describe_recall@0.5": "describe_recall@0.5",
-    "yesno_accuracy": "yesno_accuracy",
-}
+# Headline numbers: keys of `ferret.eval.toy.score_toy`'s summary, copied into metrics.json under the same names.
+HEADLINE = (
+    "refer_point_accuracy",
+    "refer_box_accuracy",
+    "refer_free_form_accuracy",
+    "refer_accuracy",
+    "refer_choice_accuracy",
+    "ground_acc@0.5",
+    "describe_recall@0.5",
+    "yesno_accuracy",
+)
 CHECKPOINT_DIR = "checkpoint"
 VISION_TOWER_DIR = "vision_tower"
 ANSWERS_FILE = "test_answers.jsonl"
@@ -450,7 +450,7 @@ def evaluate(checkpoint: Path, world_dir: Path, run_dir: Path, config: DemoConfi
 
 def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
     summary = metrics["summary"]
-    return {name: summary.get(key) for name, key in HEADLINE.items()}
+    return {name: summary.get(name) for name in HEADLINE}
 
 
 # ----------------------------------------------------------------------------------------------------------
