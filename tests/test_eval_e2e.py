@@ -121,7 +121,7 @@ def test_refexp_infer_score_chunks_resume_and_batch_invariance(checkpoint, tmp_p
     assert refexp.main(["infer", *common, "--answers-file", str(single), "--batch-size", "4"]) == 0
     lines = read_jsonl(single)
     assert [r["image_id"] for r in lines] == [5, 7, 12, 20, 31]
-    assert list(lines[0]) == ["image_id", "file_name", "prompt", "text", "width", "height"]
+    assert list(lines[0]) == ["image_id", "file_name", "prompt", "text", "width", "height", "regions"]
     assert lines[0]["prompt"] == "What is the location of the dog left 3 in the image?"
     assert (lines[0]["width"], lines[0]["height"]) == (72, 40)  # the image's own size
 
@@ -184,7 +184,7 @@ def test_flickr_infer_and_score(checkpoint, tmp_path):
     lines = read_jsonl(out)
     assert [(r["image_id"], r["sentence_id"]) for r in lines] == [("1000", 0), ("1000", 1), ("2000", 0)]
     assert lines[0]["prompt"] == "What are the locations of a man, a red shirt?"
-    assert set(lines[0]) == {"image_id", "sentence_id", "file_name", "prompt", "text", "width", "height"}
+    assert set(lines[0]) == {"image_id", "sentence_id", "file_name", "prompt", "text", "width", "height", "regions"}
     flickr.main(["score", "--predictions", str(out), "--annotation-file", str(ann_file)])
     metrics = json.loads(metrics_path(out).read_text())
     row = metrics["results"]["all"]
@@ -340,8 +340,8 @@ def test_ferret_bench_answer_review_summarize(checkpoint, tmp_path):
                        str(images), "--answers-file", str(answers), *GEN])
     lines = read_jsonl(answers)
     assert [r["question_id"] for r in lines] == [0, 1, 2]
-    assert set(lines[0]) == {"question_id", "image_path", "prompt", "text", "category"}
-    assert lines[0]["prompt"] == "Describe the region [250, 500, 750, 980] <region_fea> in detail."
+    assert set(lines[0]) == {"question_id", "image_path", "prompt", "text", "category", "regions"}
+    assert lines[0]["prompt"] == "Describe the region [250, 500, 750, 999] <region_fea> in detail."
     assert lines[1]["prompt"] == "What is at [500, 500] <region_fea> and near [100, 200, 300, 400] <region_fea>?"
     assert lines[2]["prompt"] == "Where is the cat? [see below]"
 

@@ -1,7 +1,7 @@
 """LVIS referring object classification: a two-way choice about one region, scored by accuracy per region type.
 
 The question is "Is the object {region} <region_fea> of the image a {A} or a {B}?", where one of A and B is
-the region's LVIS class and the other a negative class. Records (the LVIS-referring jsonl, REFERENCE §5) carry
+the region's LVIS class and the other a negative class. Records (the LVIS-referring jsonl) carry
 ``id, image_path, width, height, name, synonyms, neg_class, sample_point, bbox, bbox_norm,
 free_shape_bbox_raw, free_shape_segment_mask``; predictions carry at least ``id, text, name, synonyms`` and,
 when written by this project's inference, ``region_format`` ("point", "box" or "free_shape").
@@ -16,7 +16,7 @@ synonyms as whole words:
   or an ``n't`` contraction) is removed up to the next ``, . ; : ! ?``, newline, "but", "instead" or "rather",
   so "It is not a cat, it is a dog" keeps "It is  it is a dog" and "No, it is not a dog" keeps nothing about
   a dog. Negation words are matched on word boundaries, so "north", "notebook" or "nothing" are left alone
-  (the original's ``\\s+no[^,.]*[,.]`` deleted them up to the next comma, REFERENCE §8 item 29).
+  (the original's ``\\s+no[^,.]*[,.]`` deleted them up to the next comma).
 
 Also reported: ``both_mentioned``, answers that (after negation removal) mention both the class and the negative
 class, which the rule above counts as correct, as the original does.

@@ -47,11 +47,11 @@ from typing import Any
 import numpy as np
 
 from ferret.data.toy import COLOR_RGB, SHAPES
-from ferret.eval.common import align, format_table, load_predictions, metrics_path, write_json
+from ferret.eval.common import align, answer_boxes, format_table, load_predictions, metrics_path, write_json
 from ferret.eval.inference import GenerationConfig, Query, add_inference_arguments, infer_from_args, run_inference
 from ferret.eval.metrics import box_iou
 from ferret.eval.pope import decide_yes_no
-from ferret.regions import Box, FreeForm, Point, parse_regions
+from ferret.regions import Box, FreeForm, Point
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +151,10 @@ def _pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return box_iou([a[0], a[1], a[2] + 1, a[3] + 1], [b[0], b[1], b[2] + 1, b[3] + 1])
 
 
-def _answer_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float] | None]]:
-    found = []
-    for grounded in parse_regions(text, width, height):
-        region = grounded.region
-        box = (region.x1, region.y1, region.x2, region.y2) if isinstance(region, Box) else None
-        found.append((grounded.phrase, box))
-    return found
+def _answer_boxes(prediction: dict[str, Any], width: int,
+                  height: int) -> list[tuple[str, tuple[float, float, float, float] | None]]:
+    """(phrase, inclusive pixel box or None for a point) of each region of the answer (``common.answer_boxes``)."""
+    return [(b.phrase, None if b.is_point else b.box) for b in answer_boxes(prediction, width, height)]
 
 
 def _ratio(hits: int, n: int) -> float | None:
@@ -191,7 +188,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 refer[task][bucket][1] += correct
         elif task == "ground":
             target_box = record["box_x1y1x2y2"][1][0]
-            boxes = _answer_boxes(text, width, height)
+            boxes = _answer_boxes(prediction, width, height)
             ground["n"] += 1
             if not boxes or boxes[0][1] is None:
                 ground["no_box"] += not boxes
@@ -199,7 +196,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 ground["hits"] += _pixel_iou(boxes[0][1], target_box) >= threshold
         elif task == "describe":
             objects = record["objects"]
-            boxes = [(set(object_names(phrase)), box) for phrase, box in _answer_boxes(text, width, height)]
+            boxes = [(set(object_names(phrase)), box) for phrase, box in _answer_boxes(prediction, width, height)]
             describe["records"] += 1
             describe["objects"] += len(objects)
             describe["boxes"] += len(boxes)
