@@ -109,7 +109,7 @@ def test_perfect_answer_in_pad_mode_scores_iou_1(processor):
     query = Query(image="dog.jpg", prompt="Where is the dog?", output={"image_id": 1, "width": 1000, "height": 500})
     record = default_record(Answer(query, "Where is the dog?", text, (1000, 500),
                                    processor.post_process(text, (1000, 500))[1]))
-    assert record["regions"] == [{"phrase": "the dog", "box": [200.0, 300.0, 400.0, 490.0]}]
+    assert record["regions"] == [{"phrase": "the dog", "box": [200.0, 300.0, 400.0, 490.0], "span": [8, 28]}]
     truth = (200.0, 300.0, 400.0, 490.0)
     assert box_iou(answer_boxes(record, 1000, 500)[0].box, truth) == 1.0
     # read in the original's square frame instead, y becomes 550 * 500 / 1000 = 275 .. 370: the boxes share

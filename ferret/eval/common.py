@@ -350,14 +350,19 @@ class StreamAlignment:
         self.duplicates = 0
 
     def pairs(self, stream: PredictionStream | Iterable[dict[str, Any]],
-              pred_key: Callable[[dict[str, Any]], Hashable]) -> Iterator[tuple[Any, dict[str, Any]]]:
+              pred_key: Callable[[dict[str, Any]], Hashable],
+              counter: PredictionStream | None = None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """(item, prediction) pairs; unusable keys are counted in ``counter`` (default: ``stream`` itself when
+        it is a PredictionStream), or raise ValueError when there is nothing to count them in."""
+        if counter is None and isinstance(stream, PredictionStream):
+            counter = stream
         for index, record in enumerate(stream):
             try:
                 key = pred_key(record)
                 hash(key)
             except (KeyError, TypeError, ValueError) as exc:
-                if isinstance(stream, PredictionStream):
-                    stream.reject("no_key", f"prediction #{index}", f"{exc!r} in {_short(record)}")
+                if counter is not None:
+                    counter.reject("no_key", f"prediction #{index}", f"{exc!r} in {_short(record)}")
                     continue
                 raise ValueError(f"prediction #{index} has no usable key for {self.what} ({exc!r}): "
                                  f"{_short(record)}") from exc
@@ -403,6 +408,24 @@ class AnswerBox:
     phrase: str
     box: tuple[float, float, float, float]
     is_point: bool
+    mention: int = 0  # which mention of a phrase in the answer it grounds (0, 1, ... in answer order)
+
+
+def _mention_indices(text: str, phrases: Sequence[str], spans: Sequence[tuple[int, int] | None]) -> list[int]:
+    """Per region, the index of the phrase mention it grounds: regions written after one mention ("two dogs
+    [..] [..]") share it; a phrase written again ("a girl [..] hands a girl [..]") starts a new mention."""
+    indices: list[int] = []
+    for k, (phrase, span) in enumerate(zip(phrases, spans)):
+        if k == 0:
+            indices.append(0)
+            continue
+        new = normalize_phrase(phrase) != normalize_phrase(phrases[k - 1])
+        previous = spans[k - 1]
+        if not new and span is not None and previous is not None:
+            between = normalize_phrase(text[previous[1]:span[0]])
+            new = bool(normalize_phrase(phrase)) and f" {normalize_phrase(phrase)} " in f" {between} "
+        indices.append(indices[-1] + 1 if new else indices[-1])
+    return indices
 
 
 def regions_record(grounded: Iterable[Any]) -> list[dict[str, Any]]:
@@ -411,18 +434,20 @@ def regions_record(grounded: Iterable[Any]) -> list[dict[str, Any]]:
     for g in grounded:
         region = g.region
         if isinstance(region, Point):
-            stored.append({"phrase": g.phrase, "point": [region.x, region.y]})
+            stored.append({"phrase": g.phrase, "point": [region.x, region.y], "span": list(g.span)})
         elif isinstance(region, Box):
-            stored.append({"phrase": g.phrase, "box": [region.x1, region.y1, region.x2, region.y2]})
+            stored.append({"phrase": g.phrase, "box": [region.x1, region.y1, region.x2, region.y2],
+                           "span": list(g.span)})
         else:
             raise TypeError(f"unexpected region {region!r} from post_process")
     return stored
 
 
-def _stored_boxes(stored: Any) -> list[AnswerBox]:
+def _stored_boxes(stored: Any, text: str) -> list[AnswerBox]:
     if not isinstance(stored, list):
         raise ValueError(f"'regions' must be a list, got {type(stored).__name__}")
     found = []
+    spans: list[tuple[int, int] | None] = []
     for k, entry in enumerate(stored):
         if not isinstance(entry, dict):
             raise ValueError(f"region {k} is not an object: {_short(entry)}")
@@ -439,7 +464,11 @@ def _stored_boxes(stored: Any) -> list[AnswerBox]:
             raise ValueError(f"region {k} must hold {wanted} numbers, got {_short(values)}")
         box = tuple(float(v) for v in (values * 2 if is_point else values))
         found.append(AnswerBox(phrase, box, is_point))  # type: ignore[arg-type]
-    return found
+        span = entry.get("span")
+        ok = isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+        spans.append(tuple(span) if ok else None)  # type: ignore[arg-type]
+    mentions = _mention_indices(text, [b.phrase for b in found], spans)
+    return [AnswerBox(b.phrase, b.box, b.is_point, m) for b, m in zip(found, mentions)]
 
 
 def answer_boxes(text: str | Mapping[str, Any], width: int, height: int) -> list[AnswerBox]:
@@ -450,15 +479,17 @@ def answer_boxes(text: str | Mapping[str, Any], width: int, height: int) -> list
     """
     if isinstance(text, Mapping):
         if text.get("regions") is not None:
-            return _stored_boxes(text["regions"])
+            return _stored_boxes(text["regions"], str(text.get("text") or ""))
         text = answer_text(text)
     found = []
-    for grounded in parse_regions(text, int(width), int(height)):
+    grounded_all = parse_regions(text, int(width), int(height))
+    mentions = _mention_indices(text, [g.phrase for g in grounded_all], [g.span for g in grounded_all])
+    for grounded, mention in zip(grounded_all, mentions):
         region = grounded.region
         if isinstance(region, Point):
-            found.append(AnswerBox(grounded.phrase, (region.x, region.y, region.x, region.y), True))
+            found.append(AnswerBox(grounded.phrase, (region.x, region.y, region.x, region.y), True, mention))
         elif isinstance(region, Box):
-            found.append(AnswerBox(grounded.phrase, (region.x1, region.y1, region.x2, region.y2), False))
+            found.append(AnswerBox(grounded.phrase, (region.x1, region.y1, region.x2, region.y2), False, mention))
         else:  # parse_regions only returns points and boxes
             raise TypeError(f"unexpected region {region!r} parsed from {text!r}")
     return found
