@@ -150,3 +150,22 @@ def test_prediction_stream_counts_unparseable_lines_by_kind(tmp_path):
     assert alignment.report() == {"evaluated": 1, "missing": 2, "unexpected": 1, "duplicates": 1,
                                   "complete": False}
     assert alignment.missing == [2, 3]
+
+
+def test_segmentations_are_checked_before_they_are_decoded():
+    import time
+
+    from ferret.eval.common import decode_segmentation
+    from ferret.eval.lvis import free_shape_mask
+
+    bomb = {"size": [1000000, 1000000], "counts": "0" * 148}
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"RLE size \[1000000, 1000000\] is not \[h, w\] = \[10, 20\]"):
+        decode_segmentation(bomb, 20, 10, "record 3")
+    with pytest.raises(ValueError, match="RLE size"):
+        free_shape_mask(bomb, 20, 10, "LVIS record 3")
+    with pytest.raises(ValueError, match=r"shaped \[W, H\] = \[20, 10\]"):
+        free_shape_mask([[0] * 10] * 21, 20, 10, "LVIS record 3")
+    assert time.perf_counter() - start < 1.0
+    square = decode_segmentation([[2, 2, 6, 2, 6, 6, 2, 6], [10, 1, 12, 1, 12, 3]], 20, 10)
+    assert square.shape == (10, 20) and square[2:7, 2:7].all() and square[1, 10]

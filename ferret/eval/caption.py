@@ -49,7 +49,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ferret.eval.common import PredictionStream, StreamAlignment, format_table, metrics_path, write_json
+from ferret.eval.common import (
+    PredictionStream,
+    StreamAlignment,
+    decode_segmentation,
+    format_table,
+    metrics_path,
+    write_json,
+)
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import xywh_to_xyxy
 
@@ -232,18 +239,7 @@ def _region(item: CaptionItem, region_format: str, where: str, image):
     segmentation = item.region.get("segmentation")
     if region_format == "box" or not segmentation:
         return [box], None
-    if isinstance(segmentation, dict):
-        mask = FreeForm.from_rle(segmentation).mask
-    else:
-        mask = None
-        for polygon in segmentation:
-            if len(polygon) < 6 or len(polygon) % 2:
-                raise ValueError(f"{where}: a segmentation polygon needs at least 3 (x, y) pairs, got {polygon!r}")
-            part = FreeForm.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
-            mask = part if mask is None else (mask | part)
-    if mask is None or mask.shape != (height, width):
-        raise ValueError(f"{where}: the segmentation does not fit the {width}x{height} image")
-    return [FreeForm(mask)], None
+    return [FreeForm(decode_segmentation(segmentation, width, height, where))], None
 
 
 def caption_queries(items: list[CaptionItem], image_folder: str | Path, region_format: str = "box",

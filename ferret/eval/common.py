@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ferret.regions import Box, Point, parse_regions
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ __all__ = [
     "align",
     "answer_boxes",
     "answer_text",
+    "check_rle_size",
+    "decode_segmentation",
     "regions_record",
     "chunk_file_name",
     "format_table",
@@ -391,6 +395,35 @@ class StreamAlignment:
                            self.unexpected[:5])
         return {"evaluated": len(self.seen), "missing": len(missing), "unexpected": len(self.unexpected),
                 "duplicates": self.duplicates, "complete": not missing}
+
+
+def check_rle_size(rle: Any, width: int, height: int, where: str = "") -> None:
+    """Raise ValueError unless ``rle`` is a dict whose declared ``size`` is ``[height, width]`` of its image.
+
+    Called before any RLE is decoded, so a record declaring a huge size is refused without allocating it.
+    """
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not isinstance(size, (list, tuple)) or [int(v) if isinstance(v, (int, float)) else v for v in size] != [
+            int(height), int(width)]:
+        raise ValueError(f"{where}: RLE size {size!r} is not [h, w] = [{height}, {width}] of the image")
+
+
+def decode_segmentation(segmentation: Any, width: int, height: int, where: str = "") -> np.ndarray:
+    """A COCO segmentation (an RLE dict, or a list of flat polygons ``[x1, y1, x2, y2, ...]``) as bool [H, W],
+    through ``ferret.regions.FreeForm``; the RLE's declared size is checked against the image first."""
+    from ferret.regions import FreeForm
+
+    if isinstance(segmentation, dict):
+        check_rle_size(segmentation, width, height, where)
+        return np.asarray(FreeForm.from_rle(segmentation).mask)
+    if not isinstance(segmentation, list) or not segmentation:
+        raise ValueError(f"{where}: a segmentation is an RLE dict or a non-empty list of polygons")
+    mask = np.zeros((height, width), dtype=bool)
+    for polygon in segmentation:
+        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+            raise ValueError(f"{where}: a segmentation polygon needs at least 3 (x, y) pairs, got {_short(polygon)}")
+        mask |= FreeForm.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
+    return mask
 
 
 def answer_text(record: Mapping[str, Any], fields: Sequence[str] = ("text",)) -> str:

@@ -60,7 +60,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ferret.eval.common import PredictionStream, StreamAlignment, format_table, metrics_path, read_jsonl, write_json
+from ferret.eval.common import (
+    PredictionStream,
+    StreamAlignment,
+    decode_segmentation,
+    format_table,
+    metrics_path,
+    read_jsonl,
+    write_json,
+)
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.regions import Box, FreeForm, Point
 
@@ -213,12 +221,10 @@ def free_shape_mask(value: Any, width: int, height: int, where: str = "") -> np.
     """A record's free-form mask as bool [H, W]: a dense 2-D list shaped [W, H] (the original's layout,
     transposed here) or a COCO RLE dict. ValueError (naming ``where``) for any other shape."""
     if isinstance(value, dict):
-        mask = FreeForm.from_rle(value).mask
-        if mask.shape != (height, width):
-            raise ValueError(f"{where}: free_shape_segment_mask RLE has size {list(mask.shape)}, expected "
-                             f"[h, w] = [{height}, {width}]")
-        return np.asarray(mask)
-    array = np.asarray(value)
+        return decode_segmentation(value, width, height, f"{where}: free_shape_segment_mask")
+    declared = (len(value), len(value[0]) if len(value) and isinstance(value[0], list) else -1) \
+        if isinstance(value, list) else None
+    array = np.asarray(value) if declared == (width, height) else np.zeros((0,))
     if array.ndim != 2 or array.shape != (width, height):
         raise ValueError(f"{where}: free_shape_segment_mask must be a 2-D list shaped [W, H] = [{width}, {height}] "
                          f"(first index = x) or an RLE dict, got shape {list(array.shape)}")

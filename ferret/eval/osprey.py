@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ferret.eval.common import PredictionStream, format_table, metrics_path, write_json
+from ferret.eval.common import PredictionStream, decode_segmentation, format_table, metrics_path, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import xywh_to_xyxy
 
@@ -191,19 +191,7 @@ def _region(entry: dict[str, Any], index: int, region_format: str, where: str, i
         raise ValueError(f"{where}: the image is {width}x{height} but the record says {entry['width']}x{entry['height']}")
     annotation = entry["annotations"][index]
     segmentation = annotation.get("segmentation")
-    if isinstance(segmentation, dict):
-        mask = FreeForm.from_rle(segmentation).mask
-    elif segmentation:
-        mask = None
-        for polygon in segmentation:
-            if len(polygon) < 6 or len(polygon) % 2:
-                raise ValueError(f"{where}: a segmentation polygon needs at least 3 (x, y) pairs")
-            part = FreeForm.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
-            mask = part if mask is None else (mask | part)
-    else:
-        mask = None
-    if mask is not None and mask.shape != (height, width):
-        raise ValueError(f"{where}: the segmentation is {list(mask.shape)}, the image [{height}, {width}]")
+    mask = decode_segmentation(segmentation, width, height, where) if segmentation else None
     if region_format == "mask":
         if mask is None:
             raise ValueError(f"{where}: no segmentation for --region-format mask")
