@@ -219,6 +219,8 @@ def score_captions(items: list[CaptionItem], predictions: PredictionStream | Ite
                 results["METEOR"] = 100.0 * float(scorer.compute_score(refs, hyps)[0])
             finally:
                 del scorer
+        elif java:
+            notes.append("METEOR skipped on request")
         else:
             notes.append(METEOR_SKIPPED)
             logger.warning(METEOR_SKIPPED)
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     add_inference_arguments(infer)
     score.add_argument("--predictions", required=True, help="a .jsonl file or a folder of {k}_of_{n}.jsonl chunks")
     score.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"])
+    score.add_argument("--no-meteor", dest="meteor", action="store_false", default=None,
+                       help="skip METEOR (it starts a Java process that loads for ~30 s)")
     score.add_argument("--output", default=None, help="metrics JSON (default: <predictions>.metrics.json beside it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_from_args(args, queries, ("id",) if args.dataset != "coco" else ("image_id",))
         return 0
     benchmark = {"coco": "coco_caption", "refcocog": "refcocog_region_caption", "vg": "vg_region_caption"}
-    metrics = score_captions(items, PredictionStream(args.predictions), tokenizer=args.tokenizer,
+    metrics = score_captions(items, PredictionStream(args.predictions), meteor=args.meteor, tokenizer=args.tokenizer,
                              benchmark=benchmark[args.dataset])
     metrics["predictions"] = str(args.predictions)
     metrics["annotation_file"] = str(args.annotation_file)

@@ -47,7 +47,14 @@ from typing import Any
 import numpy as np
 
 from ferret.data.toy import COLOR_RGB, SHAPES
-from ferret.eval.common import align, answer_boxes, format_table, load_predictions, metrics_path, write_json
+from ferret.eval.common import (
+    PredictionStream,
+    StreamAlignment,
+    answer_boxes,
+    format_table,
+    metrics_path,
+    write_json,
+)
 from ferret.eval.inference import GenerationConfig, Query, add_inference_arguments, infer_from_args, run_inference
 from ferret.eval.metrics import box_iou
 from ferret.eval.pope import decide_yes_no
@@ -161,23 +168,30 @@ def _ratio(hits: int, n: int) -> float | None:
     return hits / n if n else None
 
 
-def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]],
+def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream | Sequence[dict[str, Any]],
               threshold: float = 0.5) -> dict[str, Any]:
     """Metrics of ``predictions`` (answers-file lines with ``id`` and ``text``) on the toy ``records``."""
-    alignment = align(records, predictions, lambda r: str(r["id"]), lambda p: str(p["id"]), "toy record")
+    stream = PredictionStream.of(predictions)
+    alignment = StreamAlignment(records, lambda r: str(r["id"]), "toy record")
     refer: dict[str, dict[str, list[int]]] = {"refer": defaultdict(lambda: [0, 0]),
                                               "refer_choice": defaultdict(lambda: [0, 0])}
     ground = {"n": 0, "hits": 0, "no_box": 0}
     describe = {"records": 0, "objects": 0, "recalled": 0, "boxes": 0, "correct_boxes": 0}
     yesno = {"n": 0, "correct": 0, "yes": 0}
     unknown_tasks: dict[str, int] = defaultdict(int)
-    for record, prediction in alignment.pairs:
-        if "text" not in prediction:
-            raise ValueError(f"prediction for toy record {record['id']} has no 'text' field")
+    for record, prediction in alignment.pairs(stream, lambda p: str(p["id"])):
+        if not isinstance(prediction.get("text"), str):
+            stream.reject("no_text", f"toy record {record['id']}")
+            continue
         text = prediction["text"]
         truth = record["conversations"][1]["value"]
         task = record["task"]
         width, height = int(record["image_w"]), int(record["image_h"])
+        try:
+            found = _answer_boxes(prediction, width, height)
+        except ValueError as exc:
+            stream.reject("bad_regions", f"toy record {record['id']}", str(exc))
+            continue
         if task in refer:
             target = object_names(truth)
             named = set(object_names(text))
@@ -188,7 +202,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 refer[task][bucket][1] += correct
         elif task == "ground":
             target_box = record["box_x1y1x2y2"][1][0]
-            boxes = _answer_boxes(prediction, width, height)
+            boxes = found
             ground["n"] += 1
             if not boxes or boxes[0][1] is None:
                 ground["no_box"] += not boxes
@@ -196,7 +210,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 ground["hits"] += _pixel_iou(boxes[0][1], target_box) >= threshold
         elif task == "describe":
             objects = record["objects"]
-            boxes = [(set(object_names(phrase)), box) for phrase, box in _answer_boxes(prediction, width, height)]
+            boxes = [(set(object_names(phrase)), box) for phrase, box in found]
             describe["records"] += 1
             describe["objects"] += len(objects)
             describe["boxes"] += len(boxes)
@@ -245,6 +259,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
         "yesno_accuracy": results["yesno"]["accuracy"],
     }
     return {"benchmark": "toy", "results": results, "summary": summary, "alignment": alignment.report(),
+            "predictions_read": stream.report(),
             "threshold": threshold}
 
 
@@ -265,7 +280,7 @@ def evaluate_toy(model, processor, records: Sequence[dict[str, Any]], image_fold
                       overwrite=overwrite, progress=progress)
     finally:
         model.train(was_training)
-    metrics = score_toy(records, load_predictions(answers_file))
+    metrics = score_toy(records, PredictionStream(answers_file))
     metrics["predictions"] = str(answers_file)
     write_json(metrics, metrics_path(answers_file))
     return metrics
@@ -284,7 +299,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 def _score(predictions: str, annotation_file: str, output: str | None, threshold: float,
            only_if_complete: bool = False) -> dict[str, Any] | None:
-    metrics = score_toy(load_records(annotation_file), load_predictions(predictions), threshold)
+    metrics = score_toy(load_records(annotation_file), PredictionStream(predictions), threshold)
     if only_if_complete and not metrics["alignment"]["complete"]:
         print(f"{metrics['alignment']['missing']} records have no answer yet (other chunks still running); "
               f"score with `python -m ferret.eval.toy score --predictions {predictions} ...` when all are done")
