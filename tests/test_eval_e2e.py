@@ -463,7 +463,8 @@ def test_vqa_caption_osprey_infer_and_score(checkpoint, tmp_path):
                       "--answers-file", str(captions), *GEN]) == 0
     lines = read_jsonl(captions)
     assert [r["id"] for r in lines] == ["70", "71"]
-    assert lines[0]["prompt"].startswith("Please give me a short description of [") and "<region_fea>" in lines[0]["prompt"]
+    assert lines[0]["prompt"].startswith("Please give me a short description of [")
+    assert "<region_fea>" in lines[0]["prompt"]
     assert eval_main(["caption", "score", "--dataset", "refcocog", "--predictions", str(captions),
                       "--annotation-file", str(refcocog), "--tokenizer", "simple", "--no-meteor"]) == 0
     metrics = json.loads(metrics_path(captions).read_text())
@@ -473,7 +474,8 @@ def test_vqa_caption_osprey_infer_and_score(checkpoint, tmp_path):
     osprey_file = tmp_path / "paco_val_1k_category.json"
     osprey_file.write_text(json.dumps([{"file_name": "COCO_val2014_000000000007.jpg", "height": 40, "width": 48,
                                         "categories": ["dog:ear", "cup"],
-                                        "annotations": [{"segmentation": [[2, 2, 12, 2, 12, 12]], "bbox": [2, 2, 10, 10]},
+                                        "annotations": [{"segmentation": [[2, 2, 12, 2, 12, 12]],
+                                                         "bbox": [2, 2, 10, 10]},
                                                         {"segmentation": [[20, 5, 28, 5, 28, 13]]}]}]))
     classes = tmp_path / "osprey.jsonl"
     assert eval_main(["osprey", "infer", "--model-path", checkpoint, "--annotation-file", str(osprey_file),

@@ -144,7 +144,8 @@ def load_items(dataset: str, path: str | Path, split: str = "test") -> list[Capt
         for ann in data["annotations"]:
             image = images.get(str(ann["image_id"]))
             if image is None:
-                raise ValueError(f"{path}: annotation {ann.get('id')} refers to image {ann['image_id']}, not in 'images'")
+                raise ValueError(f"{path}: annotation {ann.get('id')} refers to image {ann['image_id']}, "
+                                 "which is not in 'images'")
             if "caption" not in image:
                 raise ValueError(f"{path}: image {image['id']} has no 'caption'")
             items.append(CaptionItem(str(ann["id"]), image["file_name"], [image["caption"]], int(image["width"]),

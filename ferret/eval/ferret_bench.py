@@ -54,7 +54,8 @@ whose score line could not be parsed are stored as ``[-1, -1]``; they are counte
 original's numbers ``[int(a*1000), ...] <region_fea>`` (not 0..1 -> pixels -> grid, which writes one unit less
 for about a quarter of the questions) with a feature mask built at ``int(a*W)`` pixels, as the original. For a
 checkpoint that pads images to a square (``image_aspect_ratio pad``) the processor writes the coordinates on its
-padded canvas instead. Images are ``{image-folder}/{basename of image}`` (COCO val2017). Answers carry the original's fields
+padded canvas instead. Images are ``{image-folder}/{basename of image}`` (COCO val2017). Answers carry the
+original's fields
 ``question_id, image_path, prompt, text`` plus ``category``. Where the original wrote
 ``{answers-file}/ferret_answer.jsonl``, the answers file here follows ``ferret.eval.inference`` (one file for
 one chunk).

@@ -11,7 +11,8 @@ Loading
 
 Generation
     ``generate_batches`` batches queries (``--batch-size``), encodes each once with the processor
-    (``encode_query``), pads them on the left and calls ``model.generate(..., max_new_tokens=...)``. Greedy decoding is the default
+    (``encode_query``), pads them on the left and calls ``model.generate(..., max_new_tokens=...)``. Greedy
+    decoding is the default
     (``--temperature 0``); ``--temperature T > 0`` samples (with ``--top-p``, seeded by ``--seed``). The
     original sampled with temperature 0.001 and a random region sampler, so its answers varied from run to
     run; ours are reproducible, and batch size 1 and batch size N give the same answers in fp32.

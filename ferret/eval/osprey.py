@@ -25,7 +25,8 @@ Both are averaged over regions and reported x100.
 Command lines::
 
     python -m ferret.eval osprey infer --model-path checkpoints/ferret-7b \\
-        --annotation-file data/osprey/lvis_val_1k_category.json --image-folder data/coco/all --answers-file runs/osprey_lvis.jsonl
+        --annotation-file data/osprey/lvis_val_1k_category.json --image-folder data/coco/all2017 \\
+        --answers-file runs/osprey_lvis.jsonl
     python -m ferret.eval osprey score --predictions runs/osprey_lvis.jsonl \\
         --encoder sentence-transformers/all-MiniLM-L6-v2 --dataset lvis
 """
@@ -188,7 +189,8 @@ def _region(entry: dict[str, Any], index: int, region_format: str, where: str, i
 
     width, height = image.size
     if (int(entry["width"]), int(entry["height"])) != (width, height):
-        raise ValueError(f"{where}: the image is {width}x{height} but the record says {entry['width']}x{entry['height']}")
+        raise ValueError(f"{where}: the image is {width}x{height} but the record says "
+                         f"{entry['width']}x{entry['height']}")
     annotation = entry["annotations"][index]
     segmentation = annotation.get("segmentation")
     mask = decode_segmentation(segmentation, width, height, where) if segmentation else None
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferret.eval osprey", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="classify every region with a model")
-    infer.add_argument("--annotation-file", required=True, help="lvis_val_1k_category.json or paco_val_1k_category.json")
+    infer.add_argument("--annotation-file", required=True,
+                       help="lvis_val_1k_category.json or paco_val_1k_category.json")
     infer.add_argument("--region-format", default="mask", choices=["mask", "box"])
     add_inference_arguments(infer)
     score = sub.add_parser("score", help="Semantic Similarity and Semantic IoU of a prediction file or folder")
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.annotation_file, encoding="utf-8") as f:
             entries = json.load(f)
         if not isinstance(entries, list):
-            raise SystemExit(f"{args.annotation_file}: expected a JSON list of images (Osprey's *_val_1k_category.json)")
+            raise SystemExit(f"{args.annotation_file}: expected a JSON list of images "
+                             "(Osprey's *_val_1k_category.json)")
         infer_from_args(args, osprey_queries(entries, args.image_folder, args.region_format), KEY_FIELDS)
         return 0
     encoder = SentenceEncoder(args.encoder) if args.encoder else None

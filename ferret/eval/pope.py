@@ -22,7 +22,8 @@ in the first sentence a no: "No!" or "There isn't a dog" counted as yes, and "Ye
 cat" or "There is a cup on the table, not on the shelf" as no.
 
 Alignment: by ``question_id`` when every question and the first prediction have one (later predictions
-without it are counted as ``no_key``); otherwise by order (the original's files have no question_id), and then the two lists must have the same length (ValueError otherwise). "yes" is the positive class.
+without it are counted as ``no_key``); otherwise by order (the original's files have no question_id), and then
+the two lists must have the same length (ValueError otherwise). "yes" is the positive class.
 
 Inference (``infer``) asks each question's ``text`` verbatim about ``{image-folder}/{image}`` (COCO val2014) and
 writes the original's fields ``question`` and ``answer`` (lower-cased), plus ``question_id`` (the file's, or
