@@ -51,6 +51,7 @@ from ferret.eval.common import (
     PredictionStream,
     StreamAlignment,
     answer_boxes,
+    decode_segmentation,
     format_table,
     metrics_path,
     write_json,
@@ -92,10 +93,16 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 # Queries
 
 
-def toy_region(box: Sequence[int], rle: dict | None, region_type: str,
-               where: str = "") -> tuple[Box | Point | FreeForm, np.ndarray | None]:
-    """(region, within) for one human region of a toy record (see the module docstring)."""
-    mask = FreeForm.from_rle(rle).mask if rle is not None else None
+def toy_region(box: Sequence[int], rle: dict | None, region_type: str, where: str = "",
+               size: tuple[int, int] | None = None) -> tuple[Box | Point | FreeForm, np.ndarray | None]:
+    """(region, within) for one human region of a toy record (see the module docstring). With the image
+    ``size`` (W, H), the mask's declared size is checked against it before the mask is decoded."""
+    if rle is None:
+        mask = None
+    elif size is not None:
+        mask = decode_segmentation(rle, size[0], size[1], where)
+    else:
+        mask = FreeForm.from_rle(rle).mask
     if region_type == "box":
         return Box(*(float(v) for v in box)), mask
     if region_type == "free_form":
@@ -127,9 +134,11 @@ def toy_queries(records: Sequence[dict[str, Any]], image_folder: str | os.PathLi
         masks = (record.get("masks") or [[]])[0]
         types = (record.get("region_type") or [[]])[0]
         regions, within = [], []
+        size = (int(record["image_w"]), int(record["image_h"])) if "image_w" in record and "image_h" in record \
+            else None
         for k, box in enumerate(boxes):
             kind = types[k] if k < len(types) else "box"
-            region, inside = toy_region(box, masks[k] if k < len(masks) else None, kind, f"{where} region {k}")
+            region, inside = toy_region(box, masks[k] if k < len(masks) else None, kind, f"{where} region {k}", size)
             regions.append(region)
             within.append(inside)
         queries.append(Query(
