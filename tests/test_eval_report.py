@@ -67,6 +67,7 @@ def test_headline_rows_of_each_benchmark():
     assert report.headline_rows(bench) == [(("Ferret-Bench refer_desc", "score"), 70.1),
                                           (("Ferret-Bench all", "score"), 70.1)]
     toy = {"benchmark": "toy", "results": {}, "summary": {"refer_accuracy": 0.5, "yesno_accuracy": None}}
-    assert report.headline_rows(toy) == [(("toy world", "refer_accuracy"), 50.0), (("toy world", "yesno_accuracy"), None)]
+    assert report.headline_rows(toy) == [(("toy world", "refer_accuracy"), 50.0),
+                                         (("toy world", "yesno_accuracy"), None)]
     assert report.headline_rows({"benchmark": "unknown", "results": {}}) == []
     assert json.dumps(report.PUBLISHED[("Osprey LVIS", "Semantic IoU")]) == '{"Osprey-7B": 38.2}'
