@@ -188,7 +188,8 @@ class FlickrEntities:
             self._boxes[image_id] = read_entity_boxes(path) if path.is_file() else {}
         return self._boxes[image_id]
 
-    def find_phrase(self, image_id: str, sentence_id: int, phrase: str, occurrence: int = 0) -> EntityPhrase | None:
+    def find_phrase(self, image_id: str, sentence_id: int, phrase: str,
+                    occurrence: int = 0) -> EntityPhrase | None:
         """The ``occurrence``-th annotated phrase of that sentence with this text (normalised), or None."""
         sentences = self.sentences(image_id)
         if not 0 <= sentence_id < len(sentences):
