@@ -9,7 +9,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser test test-fast demo bench clean
+.PHONY: setup browser java test test-fast demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "note: chromium is not installed (needs root: apt-get install chromium); the browser test will skip"; fi; }
 
-test: setup browser
+# Captioning's METEOR (and the COCO PTB tokenizer) run on Java: Debian's default-jre-headless.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless; \
+	  else echo "note: java is not installed (needs root: apt-get install default-jre-headless); METEOR is skipped"; fi; }
+
+test: setup browser java
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferret.eval import ferret_bench, flickr, inference, lvis, pope, refexp, toy
+from ferret.eval import ferret_bench, flickr, inference, lvis, osprey, pope, refexp, toy
 from ferret.eval import main as eval_main
 from ferret.eval.common import load_predictions, metrics_path, read_jsonl
+from ferret.eval.vqa import vqa_accuracy
 from ferret.regions import Box, FreeForm, region_to_text
 
 GEN = ["--max-new-tokens", "8", "--device", "cpu", "--no-progress"]
@@ -121,7 +122,7 @@ def test_refexp_infer_score_chunks_resume_and_batch_invariance(checkpoint, tmp_p
     assert refexp.main(["infer", *common, "--answers-file", str(single), "--batch-size", "4"]) == 0
     lines = read_jsonl(single)
     assert [r["image_id"] for r in lines] == [5, 7, 12, 20, 31]
-    assert list(lines[0]) == ["image_id", "file_name", "prompt", "text", "width", "height"]
+    assert list(lines[0]) == ["image_id", "file_name", "prompt", "text", "width", "height", "regions"]
     assert lines[0]["prompt"] == "What is the location of the dog left 3 in the image?"
     assert (lines[0]["width"], lines[0]["height"]) == (72, 40)  # the image's own size
 
@@ -184,7 +185,7 @@ def test_flickr_infer_and_score(checkpoint, tmp_path):
     lines = read_jsonl(out)
     assert [(r["image_id"], r["sentence_id"]) for r in lines] == [("1000", 0), ("1000", 1), ("2000", 0)]
     assert lines[0]["prompt"] == "What are the locations of a man, a red shirt?"
-    assert set(lines[0]) == {"image_id", "sentence_id", "file_name", "prompt", "text", "width", "height"}
+    assert set(lines[0]) == {"image_id", "sentence_id", "file_name", "prompt", "text", "width", "height", "regions"}
     flickr.main(["score", "--predictions", str(out), "--annotation-file", str(ann_file)])
     metrics = json.loads(metrics_path(out).read_text())
     row = metrics["results"]["all"]
@@ -340,8 +341,8 @@ def test_ferret_bench_answer_review_summarize(checkpoint, tmp_path):
                        str(images), "--answers-file", str(answers), *GEN])
     lines = read_jsonl(answers)
     assert [r["question_id"] for r in lines] == [0, 1, 2]
-    assert set(lines[0]) == {"question_id", "image_path", "prompt", "text", "category"}
-    assert lines[0]["prompt"] == "Describe the region [250, 500, 750, 980] <region_fea> in detail."
+    assert set(lines[0]) == {"question_id", "image_path", "prompt", "text", "category", "regions"}
+    assert lines[0]["prompt"] == "Describe the region [250, 500, 750, 999] <region_fea> in detail."
     assert lines[1]["prompt"] == "What is at [500, 500] <region_fea> and near [100, 200, 300, 400] <region_fea>?"
     assert lines[2]["prompt"] == "Where is the cat? [see below]"
 
@@ -420,3 +421,69 @@ def test_toy_evaluate_and_batch_invariance(checkpoint, toy_world, tmp_path):
     out1 = tmp_path / "toy_b1.jsonl"
     toy.main(["infer", *common, "--answers-file", str(out1), "--batch-size", "1"])
     assert _texts(out1) == _texts(out4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VQA, captioning and Osprey's referring classification: infer + score on the tiny checkpoint
+
+
+def test_vqa_caption_osprey_infer_and_score(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in (42, 7):
+        _write_image(images / f"COCO_val2014_{image_id:012d}.jpg", (48, 40), seed=image_id)
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    questions.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 42, "question": "How many?"},
+                                                   {"question_id": 2, "image_id": 7, "question": "What color?"}]}))
+    annotations = tmp_path / "v2_mscoco_val2014_annotations.json"
+    annotations.write_text(json.dumps({"annotations": [
+        {"question_id": q, "image_id": 0, "answer_type": "other", "question_type": "what",
+         "answers": [{"answer": "2", "answer_id": k} for k in range(10)]} for q in (1, 2)]}))
+    answers = tmp_path / "vqa.jsonl"
+    assert eval_main(["vqa", "infer", "--dataset", "vqav2", "--model-path", checkpoint, "--questions",
+                      str(questions), "--image-folder", str(images), "--answers-file", str(answers), *GEN]) == 0
+    lines = read_jsonl(answers)
+    assert [r["question_id"] for r in lines] == [1, 2]
+    assert lines[0]["prompt"] == "How many?\nAnswer the question using a single word or phrase."
+    assert eval_main(["vqa", "score", "--dataset", "vqav2", "--predictions", str(answers), "--annotation-file",
+                      str(annotations)]) == 0
+    metrics = json.loads(metrics_path(answers).read_text())
+    expected = sum(100.0 * (vqa_accuracy(r["text"], ["2"] * 10)) for r in lines) / 2
+    assert metrics["results"]["overall"]["accuracy"] == pytest.approx(expected)
+
+    refcocog = tmp_path / "finetune_refcocog_val_with_mask.json"
+    refcocog.write_text(json.dumps({
+        "images": [{"id": 5, "file_name": "COCO_val2014_000000000042.jpg", "width": 48, "height": 40,
+                    "caption": "the red cup"}],
+        "annotations": [{"id": 70, "image_id": 5, "bbox": [2, 2, 10, 10], "segmentation": [[2, 2, 12, 2, 12, 12]]},
+                        {"id": 71, "image_id": 5, "bbox": [20, 5, 8, 8], "segmentation": [[20, 5, 28, 5, 28, 13]]}]}))
+    captions = tmp_path / "refcocog_captions.jsonl"
+    assert eval_main(["caption", "infer", "--dataset", "refcocog", "--region-format", "mask", "--model-path",
+                      checkpoint, "--annotation-file", str(refcocog), "--image-folder", str(images),
+                      "--answers-file", str(captions), *GEN]) == 0
+    lines = read_jsonl(captions)
+    assert [r["id"] for r in lines] == ["70", "71"]
+    assert lines[0]["prompt"].startswith("Please give me a short description of [")
+    assert "<region_fea>" in lines[0]["prompt"]
+    assert eval_main(["caption", "score", "--dataset", "refcocog", "--predictions", str(captions),
+                      "--annotation-file", str(refcocog), "--tokenizer", "simple", "--no-meteor"]) == 0
+    metrics = json.loads(metrics_path(captions).read_text())
+    assert metrics["benchmark"] == "refcocog_region_caption" and metrics["results"]["n"] == 2
+    assert metrics["results"]["CIDEr"] >= 0 and "METEOR" not in metrics["results"]
+
+    osprey_file = tmp_path / "paco_val_1k_category.json"
+    osprey_file.write_text(json.dumps([{"file_name": "COCO_val2014_000000000007.jpg", "height": 40, "width": 48,
+                                        "categories": ["dog:ear", "cup"],
+                                        "annotations": [{"segmentation": [[2, 2, 12, 2, 12, 12]],
+                                                         "bbox": [2, 2, 10, 10]},
+                                                        {"segmentation": [[20, 5, 28, 5, 28, 13]]}]}]))
+    classes = tmp_path / "osprey.jsonl"
+    assert eval_main(["osprey", "infer", "--model-path", checkpoint, "--annotation-file", str(osprey_file),
+                      "--image-folder", str(images), "--answers-file", str(classes), *GEN]) == 0
+    lines = read_jsonl(classes)
+    assert [(r["id"], r["category"]) for r in lines] == [("0_0", "dog:ear"), ("0_1", "cup")]
+    assert eval_main(["osprey", "score", "--predictions", str(classes), "--dataset", "paco"]) == 0
+    metrics = json.loads(metrics_path(classes).read_text())
+    expected = sum(100 * osprey.semantic_iou(osprey.clean_answer(r["text"]), osprey.clean_category(r["category"]))
+                   for r in lines) / 2
+    assert metrics["results"]["semantic_iou"] == pytest.approx(expected)

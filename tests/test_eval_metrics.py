@@ -562,3 +562,94 @@ def test_score_command_lines_write_beside_predictions(tmp_path):
     summary = json.loads((tmp_path / "reviews.metrics.json").read_text())
     assert summary["files"]["review_refer_desc"]["scores"] == {"refer_desc": 75.0, "all": 75.0}
     assert summary["combined"]["scores"] == {"ground_conv": 50.0, "refer_desc": 75.0, "all": 61.1}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hard cases: a phrase is a span, a POPE answer's polarity, the longest LVIS class
+
+
+def test_flickr_repeated_phrase_text_is_two_phrases():
+    caption = "A girl hands a girl a flower ."
+    first, second, flower = (0, 6), (13, 19), (20, 28)
+    gt = {"images": [{"id": 0, "file_name": "7.jpg", "caption": caption, "original_img_id": 7, "sentence_id": 0,
+                      "width": 1000, "height": 1000,
+                      "tokens_positive_eval": [[list(first)], [list(second)], [list(flower)]]}],
+          "annotations": [{"id": 1, "image_id": 0, "bbox": [0, 0, 100, 100], "tokens_positive": [list(first)]},
+                          {"id": 2, "image_id": 0, "bbox": [500, 500, 400, 400], "tokens_positive": [list(second)]},
+                          {"id": 3, "image_id": 0, "bbox": [300, 300, 50, 50], "tokens_positive": [list(flower)]}]}
+    # each girl grounded once, in caption order: both right at rank 1
+    answer = "A girl [0, 0, 100, 100] hands a girl [500, 500, 900, 900] a flower [300, 300, 350, 350]."
+    result = flickr.score_flickr(gt, [{"image_id": 7, "sentence_id": 0, "text": answer}])
+    assert result["results"]["all"]["recall@1"] == 1.0
+    assert result["phrase_matching"] == {"exact": 2, "fallback": 1, "none": 0}  # "hands a girl" by whole words
+    # the original's string matching would hand the second girl the first girl's box first: recall@1 2/3
+    boxes = common.answer_boxes(answer, 1000, 1000)
+    assert [b.mention for b in boxes] == [0, 1, 2]
+    # one mention for two girls: the second occurrence gets nothing (zero box), not the first girl's box
+    once = "A girl [0, 0, 100, 100] holds a flower [300, 300, 350, 350]."
+    result = flickr.score_flickr(gt, [{"image_id": 7, "sentence_id": 0, "text": once}])
+    assert result["results"]["all"]["upper_bound"] == pytest.approx(2 / 3)
+    # regions written after one mention stay that mention's: "two dogs [..] [..]"
+    assert [b.mention for b in common.answer_boxes("two dogs [1, 1, 5, 5] [6, 6, 9, 9]", 10, 10)] == [0, 0]
+
+
+def test_flickr_repeated_phrase_uses_the_kth_entity(tmp_path):
+    (tmp_path / "Sentences").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Sentences" / "7.txt").write_text(
+        "[/EN#1/people A girl] hands [/EN#2/people a girl] [/EN#3/other a flower] .\n")
+    entities = flickr.FlickrEntities(tmp_path)
+    assert entities.find_phrase("7", 0, "a girl", 0).phrase_id == "1"
+    assert entities.find_phrase("7", 0, "a girl", 1).phrase_id == "2"
+    assert entities.find_phrase("7", 0, "a girl", 2) is None
+
+
+POPE_PHRASINGS = [  # (answer as VLMs phrase it, decision)
+    ("Yes, the cup is on the table, not the shelf.", "yes"),
+    ("There is a cup on the table, not on the shelf.", "yes"),
+    ("The image features a man holding an umbrella, not a bag.", "yes"),
+    ("In the image, there is a dog.", "yes"),
+    ("Certainly, a person is visible.", "yes"),
+    ("There is no cup, but there is a glass.", "no"),
+    ("Unfortunately, there is no cup in the image.", "no"),
+    ("I don't see a cup in the image.", "no"),
+    ("There's no dog here.", "no"),
+    ("Nothing like that appears in the image.", "no"),
+    ("A dog is not visible in the image.", "no"),
+    ("The image does not contain a dog.", "no"),
+    ("There are no people in the picture.", "no"),
+    ("Nope.", "no"),
+]
+
+
+@pytest.mark.parametrize("answer, decision", POPE_PHRASINGS)
+def test_pope_decides_by_polarity(answer, decision):
+    assert pope.decide_yes_no(answer) == decision
+
+
+def test_pope_original_files_without_ids_align_by_order_and_count_bad_lines(tmp_path):
+    questions = [{"question_id": i, "text": "Is there a dog?", "label": label} for i, label in
+                 enumerate(["yes", "no", "yes"])]
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"answer": "yes"}\n{"answer": "there is no dog."}\n{"answer": "no"}\n')
+    r = pope.score_pope(questions, common.PredictionStream(path))
+    assert r["aligned_by"] == "order" and (r["results"]["TP"], r["results"]["TN"], r["results"]["FN"]) == (1, 1, 1)
+    path.write_text('{"question_id": 2, "answer": "No."}\n{"oops": 1}\n{"question_id": 0, "text": "Yes"}\nbroken\n')
+    r = pope.score_pope(questions, common.PredictionStream(path))
+    assert r["predictions_read"]["unparseable"] == {"invalid_json": 1, "no_key": 1}
+    assert r["alignment"]["missing"] == 1 and r["results"]["n"] == 2 and r["results"]["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "text, name, negative, correct, both",
+    [
+        ("It is a stop sign.", "sign", "stop_sign", False, False),
+        ("It is a stop sign.", "stop_sign", "sign", True, False),
+        ("Two stop signs.", "stop_sign", "sign", True, False),  # plural of the longer class
+        ("A sign next to a stop sign.", "sign", "stop_sign", True, True),
+        ("It is a teddy bear.", "bear", "teddy_bear", False, False),
+        ("A bear, not a teddy bear.", "bear", "teddy_bear", True, False),
+    ],
+)
+def test_lvis_longest_class_wins(text, name, negative, correct, both):
+    assert lvis.classify(text, name, [], negative) == (correct, both)

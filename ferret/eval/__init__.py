@@ -10,6 +10,10 @@
 * ``pope``         POPE object hallucination (accuracy, precision, recall, F1, yes-ratio).
 * ``ferret_bench`` Ferret-Bench, judged by a GPT-style model through any OpenAI-compatible endpoint.
 * ``toy``          the toy world's test split (referring per region type, grounding, description, yes/no).
+* ``caption``      COCO captions (Karpathy test) and region captions (RefCOCOg, Visual Genome): CIDEr, METEOR.
+* ``osprey``       Osprey's referring object classification on LVIS / PACO (Semantic Similarity, Semantic IoU).
+* ``report``       one table of every benchmark's metrics of one or more runs beside the papers' numbers.
+* ``vqa``          VQAv2 and TextVQA (official 10-annotator accuracy) and GQA (accuracy).
 
 Each benchmark module has a ``main(argv)`` command line with an ``infer`` subcommand (the model answers the
 benchmark's questions) and a ``score`` subcommand (pure: answers in, metrics out); Ferret-Bench also has
@@ -34,6 +38,10 @@ BENCHMARKS = {
     "pope": "ferret.eval.pope",
     "ferret_bench": "ferret.eval.ferret_bench",
     "toy": "ferret.eval.toy",
+    "vqa": "ferret.eval.vqa",
+    "caption": "ferret.eval.caption",
+    "osprey": "ferret.eval.osprey",
+    "report": "ferret.eval.report",
 }
 # other spellings accepted on the command line
 ALIASES = {"refcoco": "refexp", "flickr30k": "flickr", "ferret-bench": "ferret_bench", "bench": "ferret_bench"}

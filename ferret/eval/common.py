@@ -25,13 +25,26 @@ predictions are reported (a warning and ``missing`` in the metrics, ``complete: 
 over the ground-truth items that have a prediction. Duplicated keys (for example from a resumed run) keep the
 first prediction and are counted.
 
+Streaming and unparseable predictions
+-------------------------------------
+Scorers read predictions with ``PredictionStream``: one line at a time (a file of millions of answers is never
+held in memory), and a line that cannot be used is counted by kind instead of stopping the run:
+``invalid_json`` (not JSON, e.g. the half-written line a killed writer leaves), ``not_an_object``, ``no_key``
+(the field that matches it to the ground truth is missing or unusable), ``no_text`` (no answer field),
+``bad_regions`` (a stored ``regions`` list that is malformed). Each scorer's metrics carry
+``predictions: {"read": n, "unparseable": {kind: count}}``. ``StreamAlignment`` matches such a stream to the
+ground truth by key, keeping only the keys seen.
+
 Answers to boxes
 ----------------
-``answer_boxes`` parses a model answer through ``ferret.regions.parse_regions`` (the only parser of the
-coordinate format) and returns every region as an ``[x1, y1, x2, y2]`` pixel box: a point ``[x, y]`` becomes
-the zero-size box ``[x, y, x, y]`` (IoU 0 with anything, see ``metrics``). Nothing is dropped: an answer
-without any region yields an empty list, which the benchmarks score with the zero box and keep in the
-denominator.
+This project's inference stores, beside the answer ``text``, what ``FerretProcessor.post_process`` returns:
+``regions``, a list of ``{"phrase": str, "box": [x1, y1, x2, y2]}`` or ``{"phrase": str, "point": [x, y]}``
+in pixels of the user's image, already in the right frame whatever the checkpoint's ``image_aspect_ratio``.
+``answer_boxes`` reads those; for a record without ``regions`` (the original's prediction files) it parses
+``text`` with ``ferret.regions.parse_regions`` on the image size, the original's ``square_nocrop`` frame. Every
+region is returned as an ``[x1, y1, x2, y2]`` pixel box: a point ``[x, y]`` becomes the zero-size box
+``[x, y, x, y]`` (IoU 0 with anything, see ``metrics``). Nothing is dropped: an answer without any region
+yields an empty list, which the benchmarks score with the zero box and keep in the denominator.
 """
 
 from __future__ import annotations
@@ -41,10 +54,13 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ferret.regions import Box, Point, parse_regions
 
@@ -55,8 +71,14 @@ __all__ = [
     "METRICS_SUFFIX",
     "Alignment",
     "AnswerBox",
+    "PredictionStream",
+    "StreamAlignment",
     "align",
     "answer_boxes",
+    "answer_text",
+    "check_rle_size",
+    "decode_segmentation",
+    "regions_record",
     "chunk_file_name",
     "format_table",
     "load_predictions",
@@ -252,6 +274,166 @@ def align(
     return result
 
 
+class PredictionStream:
+    """The prediction records under ``path`` (a file or a folder of chunk files), read one line at a time.
+
+    Iterating yields the JSON objects in reading order; lines that are not JSON objects are counted in
+    ``problems`` by kind (see the module docstring) and skipped. Scorers add their own kinds with ``reject``.
+    The first few problems of each kind are logged with file and line.
+    """
+
+    LOGGED_PER_KIND = 3
+
+    def __init__(self, source: str | os.PathLike | Iterable[Any]):
+        self.records: Iterable[Any] | None = None
+        if isinstance(source, (str, os.PathLike)):
+            self.files = prediction_files(source)
+        else:  # records already in memory (a list of dicts)
+            self.files = []
+            self.records = source
+        self.read = 0
+        self.problems: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, predictions: PredictionStream | str | os.PathLike | Iterable[Any]) -> PredictionStream:
+        """``predictions`` as a stream: a stream is returned as it is, a path or a list is wrapped."""
+        return predictions if isinstance(predictions, PredictionStream) else cls(predictions)
+
+    def reject(self, kind: str, where: str = "", detail: str = "") -> None:
+        """Count one unusable prediction of this ``kind`` (logged for the first few of each kind)."""
+        self.problems[kind] += 1
+        if self.problems[kind] <= self.LOGGED_PER_KIND:
+            logger.warning("unusable prediction (%s) %s%s", kind, where, f": {detail}" if detail else "")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.records is not None:
+            for number, record in enumerate(self.records):
+                if not isinstance(record, dict):
+                    self.reject("not_an_object", f"record #{number}", type(record).__name__)
+                    continue
+                self.read += 1
+                yield record
+            return
+        for file in self.files:
+            with open(file, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        self.reject("invalid_json", f"{file}:{number}", str(exc))
+                        continue
+                    if not isinstance(record, dict):
+                        self.reject("not_an_object", f"{file}:{number}", type(record).__name__)
+                        continue
+                    self.read += 1
+                    yield record
+
+    def report(self) -> dict[str, Any]:
+        """``{"read": n, "unparseable": {kind: count}, "unparseable_total": n}`` for a metrics file."""
+        return {"read": self.read, "unparseable": dict(sorted(self.problems.items())),
+                "unparseable_total": sum(self.problems.values())}
+
+
+class StreamAlignment:
+    """Predictions streamed against ground-truth items by key (the first prediction of a key wins).
+
+    ``pairs(stream, pred_key)`` yields (item, prediction) in prediction order; a prediction whose key cannot be
+    read is rejected as ``no_key``. Afterwards ``report()`` gives the counts of ``Alignment.report`` and
+    ``missing`` lists the items without a prediction, in ground-truth order.
+    """
+
+    def __init__(self, ground_truth: Iterable[Any], gt_key: Callable[[Any], Hashable], what: str = "item"):
+        self.items: dict[Hashable, Any] = {}
+        for item in ground_truth:
+            self.items.setdefault(gt_key(item), item)
+        self.what = what
+        self.seen: set[Hashable] = set()
+        self.unexpected: list[Hashable] = []
+        self.duplicates = 0
+
+    def pairs(self, stream: PredictionStream | Iterable[dict[str, Any]],
+              pred_key: Callable[[dict[str, Any]], Hashable],
+              counter: PredictionStream | None = None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """(item, prediction) pairs; unusable keys are counted in ``counter`` (default: ``stream`` itself when
+        it is a PredictionStream), or raise ValueError when there is nothing to count them in."""
+        if counter is None and isinstance(stream, PredictionStream):
+            counter = stream
+        for index, record in enumerate(stream):
+            try:
+                key = pred_key(record)
+                hash(key)
+            except (KeyError, TypeError, ValueError) as exc:
+                if counter is not None:
+                    counter.reject("no_key", f"prediction #{index}", f"{exc!r} in {_short(record)}")
+                    continue
+                raise ValueError(f"prediction #{index} has no usable key for {self.what} ({exc!r}): "
+                                 f"{_short(record)}") from exc
+            if key in self.seen:
+                self.duplicates += 1
+                if self.duplicates == 1:
+                    logger.warning("duplicated predictions are ignored (the first of each key is kept)")
+                continue
+            if key not in self.items:
+                self.unexpected.append(key)
+                continue
+            self.seen.add(key)
+            yield self.items[key], record
+
+    @property
+    def missing(self) -> list[Hashable]:
+        return [key for key in self.items if key not in self.seen]
+
+    def report(self) -> dict[str, Any]:
+        missing = self.missing
+        if missing:
+            logger.warning("%d of %d %ss have no prediction (first: %s)", len(missing), len(self.items), self.what,
+                           missing[:5])
+        if self.unexpected:
+            logger.warning("%d predictions match no %s (first: %s)", len(self.unexpected), self.what,
+                           self.unexpected[:5])
+        return {"evaluated": len(self.seen), "missing": len(missing), "unexpected": len(self.unexpected),
+                "duplicates": self.duplicates, "complete": not missing}
+
+
+def check_rle_size(rle: Any, width: int, height: int, where: str = "") -> None:
+    """Raise ValueError unless ``rle`` is a dict whose declared ``size`` is ``[height, width]`` of its image.
+
+    Called before any RLE is decoded, so a record declaring a huge size is refused without allocating it.
+    """
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not isinstance(size, (list, tuple)) or [int(v) if isinstance(v, (int, float)) else v for v in size] != [
+            int(height), int(width)]:
+        raise ValueError(f"{where}: RLE size {size!r} is not [h, w] = [{height}, {width}] of the image")
+
+
+def decode_segmentation(segmentation: Any, width: int, height: int, where: str = "") -> np.ndarray:
+    """A COCO segmentation (an RLE dict, or a list of flat polygons ``[x1, y1, x2, y2, ...]``) as bool [H, W],
+    through ``ferret.regions.FreeForm``; the RLE's declared size is checked against the image first."""
+    from ferret.regions import FreeForm
+
+    if isinstance(segmentation, dict):
+        check_rle_size(segmentation, width, height, where)
+        return np.asarray(FreeForm.from_rle(segmentation).mask)
+    if not isinstance(segmentation, list) or not segmentation:
+        raise ValueError(f"{where}: a segmentation is an RLE dict or a non-empty list of polygons")
+    mask = np.zeros((height, width), dtype=bool)
+    for polygon in segmentation:
+        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+            raise ValueError(f"{where}: a segmentation polygon needs at least 3 (x, y) pairs, got {_short(polygon)}")
+        mask |= FreeForm.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
+    return mask
+
+
+def answer_text(record: Mapping[str, Any], fields: Sequence[str] = ("text",)) -> str:
+    """The answer of a prediction record: the first of ``fields`` present, as a string (KeyError if none)."""
+    for name in fields:
+        if name in record and record[name] is not None:
+            return str(record[name])
+    raise KeyError(f"none of the answer fields {list(fields)}")
+
+
 @dataclass(frozen=True)
 class AnswerBox:
     """One region of a model answer as a pixel box (a point is the zero-size box on it)."""
@@ -259,17 +441,88 @@ class AnswerBox:
     phrase: str
     box: tuple[float, float, float, float]
     is_point: bool
+    mention: int = 0  # which mention of a phrase in the answer it grounds (0, 1, ... in answer order)
 
 
-def answer_boxes(text: str, width: int, height: int) -> list[AnswerBox]:
-    """Every point and box in a model answer, in order, as ``[x1, y1, x2, y2]`` pixel boxes (see module doc)."""
+def _mention_indices(text: str, phrases: Sequence[str], spans: Sequence[tuple[int, int] | None]) -> list[int]:
+    """Per region, the index of the phrase mention it grounds: regions written after one mention ("two dogs
+    [..] [..]") share it; a phrase written again ("a girl [..] hands a girl [..]") starts a new mention."""
+    indices: list[int] = []
+    for k, (phrase, span) in enumerate(zip(phrases, spans)):
+        if k == 0:
+            indices.append(0)
+            continue
+        new = normalize_phrase(phrase) != normalize_phrase(phrases[k - 1])
+        previous = spans[k - 1]
+        if not new and span is not None and previous is not None:
+            between = normalize_phrase(text[previous[1]:span[0]])
+            new = bool(normalize_phrase(phrase)) and f" {normalize_phrase(phrase)} " in f" {between} "
+        indices.append(indices[-1] + 1 if new else indices[-1])
+    return indices
+
+
+def regions_record(grounded: Iterable[Any]) -> list[dict[str, Any]]:
+    """``post_process``'s grounded regions (pixels of the user's image) as the answers file stores them."""
+    stored = []
+    for g in grounded:
+        region = g.region
+        if isinstance(region, Point):
+            stored.append({"phrase": g.phrase, "point": [region.x, region.y], "span": list(g.span)})
+        elif isinstance(region, Box):
+            stored.append({"phrase": g.phrase, "box": [region.x1, region.y1, region.x2, region.y2],
+                           "span": list(g.span)})
+        else:
+            raise TypeError(f"unexpected region {region!r} from post_process")
+    return stored
+
+
+def _stored_boxes(stored: Any, text: str) -> list[AnswerBox]:
+    if not isinstance(stored, list):
+        raise ValueError(f"'regions' must be a list, got {type(stored).__name__}")
     found = []
-    for grounded in parse_regions(text, int(width), int(height)):
+    spans: list[tuple[int, int] | None] = []
+    for k, entry in enumerate(stored):
+        if not isinstance(entry, dict):
+            raise ValueError(f"region {k} is not an object: {_short(entry)}")
+        phrase = str(entry.get("phrase", ""))
+        if "box" in entry:
+            values, is_point = entry["box"], False
+        elif "point" in entry:
+            values, is_point = entry["point"], True
+        else:
+            raise ValueError(f"region {k} has neither 'box' nor 'point': {_short(entry)}")
+        wanted = 2 if is_point else 4
+        if (not isinstance(values, list) or len(values) != wanted
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ValueError(f"region {k} must hold {wanted} numbers, got {_short(values)}")
+        box = tuple(float(v) for v in (values * 2 if is_point else values))
+        found.append(AnswerBox(phrase, box, is_point))  # type: ignore[arg-type]
+        span = entry.get("span")
+        ok = isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+        spans.append(tuple(span) if ok else None)  # type: ignore[arg-type]
+    mentions = _mention_indices(text, [b.phrase for b in found], spans)
+    return [AnswerBox(b.phrase, b.box, b.is_point, m) for b, m in zip(found, mentions)]
+
+
+def answer_boxes(text: str | Mapping[str, Any], width: int, height: int) -> list[AnswerBox]:
+    """Every point and box of an answer, in order, as ``[x1, y1, x2, y2]`` pixel boxes (see module doc).
+
+    ``text`` is a prediction record (its stored ``regions`` are used when present, else its ``text`` is
+    parsed) or the answer text itself. A malformed ``regions`` list raises ValueError.
+    """
+    if isinstance(text, Mapping):
+        if text.get("regions") is not None:
+            return _stored_boxes(text["regions"], str(text.get("text") or ""))
+        text = answer_text(text)
+    found = []
+    grounded_all = parse_regions(text, int(width), int(height))
+    mentions = _mention_indices(text, [g.phrase for g in grounded_all], [g.span for g in grounded_all])
+    for grounded, mention in zip(grounded_all, mentions):
         region = grounded.region
         if isinstance(region, Point):
-            found.append(AnswerBox(grounded.phrase, (region.x, region.y, region.x, region.y), True))
+            found.append(AnswerBox(grounded.phrase, (region.x, region.y, region.x, region.y), True, mention))
         elif isinstance(region, Box):
-            found.append(AnswerBox(grounded.phrase, (region.x1, region.y1, region.x2, region.y2), False))
+            found.append(AnswerBox(grounded.phrase, (region.x1, region.y1, region.x2, region.y2), False, mention))
         else:  # parse_regions only returns points and boxes
             raise TypeError(f"unexpected region {region!r} parsed from {text!r}")
     return found

@@ -32,7 +32,7 @@ are JSON lines ``{question_id, text, ...}``.
     [System]
     {rule prompt}
 
-(with a real newline after ``[Context]``; the original wrote a literal backslash there, REFERENCE §8 item 32)
+(with a real newline after ``[Context]``; the original wrote a literal backslash there)
 and asks the judge for "s1 s2" on the first line. The model's answer is post-processed first, as the original:
 for refer_desc and refer_reason the coordinate brackets are removed (``ferret.regions.strip_regions``), for
 ground_conv each bracket of 0..999 grid numbers becomes 0..1 floats with three decimals (points too, where the
@@ -49,10 +49,13 @@ and for "all", ``round(mean(s2) / mean(s1) * 100, 1)``: the model's score relati
 whose score line could not be parsed are stored as ``[-1, -1]``; they are counted and left out of the means
 (the original averaged them in). With several files, a "combined" summary pools them.
 
-``infer`` (alias ``answer``) produces the model's answers: each question's 0..1 float brackets become
-``<region{k}>`` regions (a box ``[a, b, c, d]``, or a point ``[a, b]`` where the original crashed), written to the
-model as ``[int(a*1000), ...] <region_fea>`` with a box feature mask built at the image's raw size, as the
-original. Images are ``{image-folder}/{basename of image}`` (COCO val2017). Answers carry the original's fields
+``infer`` (alias ``answer``) produces the model's answers: each question's 0..1 float brackets become regions
+(a box ``[a, b, c, d]``, or a point ``[a, b]`` where the original crashed), written to the model as the
+original's numbers ``[int(a*1000), ...] <region_fea>`` (not 0..1 -> pixels -> grid, which writes one unit less
+for about a quarter of the questions) with a feature mask built at ``int(a*W)`` pixels, as the original. For a
+checkpoint that pads images to a square (``image_aspect_ratio pad``) the processor writes the coordinates on its
+padded canvas instead. Images are ``{image-folder}/{basename of image}`` (COCO val2017). Answers carry the
+original's fields
 ``question_id, image_path, prompt, text`` plus ``category``. Where the original wrote
 ``{answers-file}/ferret_answer.jsonl``, the answers file here follows ``ferret.eval.inference`` (one file for
 one chunk).
@@ -87,7 +90,7 @@ from typing import TYPE_CHECKING, Any
 from ferret.constants import GRID_SIZE
 from ferret.eval.common import format_table, load_predictions, metrics_path, read_jsonl, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
-from ferret.regions import Box, Point, parse_regions, strip_regions
+from ferret.regions import Box, Point, Region, parse_regions, region_to_text, strip_regions, to_grid
 
 if TYPE_CHECKING:
     import httpx
@@ -104,6 +107,7 @@ __all__ = [
     "build_judge_prompt",
     "find_review_files",
     "main",
+    "original_grid_text",
     "parse_scores",
     "postprocess_answer",
     "review_answers",
@@ -115,6 +119,7 @@ FAILED_SCORES = [-1.0, -1.0]
 REVIEW_PREFIXES = ("review_", "reviews_", "gpt4_text")
 KEY_FIELDS = ("question_id",)
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
+_PLACEHOLDER = re.compile(r"<region(\d+)>")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,9 +189,9 @@ def _float_regions(text: str) -> tuple[str, list[tuple[float, ...]]]:
     return _BRACKET.sub(replace, text), found
 
 
-def _bench_regions(values: list[tuple[float, ...]], where: str, image):
-    width, height = image.size
-    regions = []
+def _bench_regions(values: list[tuple[float, ...]], where: str, width: int, height: int) -> list[Region]:
+    """The regions in pixels of the image, for the feature masks (built at ``int(v * W)``, as the original)."""
+    regions: list[Region] = []
     for k, v in enumerate(values):
         if any(not 0 <= x <= 1 for x in v):
             raise ValueError(f"{where}: region {k} {list(v)} is not in 0..1 coordinates")
@@ -194,7 +199,41 @@ def _bench_regions(values: list[tuple[float, ...]], where: str, image):
             regions.append(Point(min(v[0] * width, width - 1), min(v[1] * height, height - 1)))
         else:
             regions.append(Box(v[0] * width, v[1] * height, v[2] * width, v[3] * height))
-    return regions, None
+    return regions
+
+
+def original_grid_text(values: Sequence[float]) -> str:
+    """The coordinates of 0..1 values as the original wrote them into the question: ``int(v * 1000)`` each.
+
+    ``regions.to_grid(v, 1)`` is exactly ``int(v * 1000)`` clamped to the grid; writing those numbers on the
+    grid itself (``region_to_text`` on a GRID_SIZE x GRID_SIZE frame) leaves them unchanged. A value of 1.0
+    gives the grid's last value, 999 (the original wrote 1000, outside the grid).
+    """
+    grid = [float(to_grid(v, 1)) for v in values]
+    region: Region = Point(*grid) if len(grid) == 2 else Box(*grid)
+    return region_to_text(region, GRID_SIZE, GRID_SIZE)
+
+
+def _bench_question(prompt: str, values: list[tuple[float, ...]], where: str, image, processor,
+                    region_feature: bool):
+    """(question, regions, within, no_coor) for one Ferret-Bench question on its image.
+
+    Where the model input is the image itself (``square_nocrop``, the original's setting) the question carries
+    the original's numbers (``original_grid_text``) and the processor adds only ``<region_fea>`` and the masks.
+    Where it is not (``pad``), the processor writes the coordinates of the pixel regions on its canvas.
+    """
+    width, height = image.size
+    regions = _bench_regions(values, where, width, height)
+    frame = processor.frame(width, height)
+    if (frame.left, frame.top, frame.canvas_width, frame.canvas_height) != (0, 0, width, height):
+        return prompt, regions, None, False
+
+    def replace(match: re.Match) -> str:
+        coords = original_grid_text(values[int(match.group(1))])
+        return f"{coords} {match.group(0)}" if region_feature else coords
+
+    question = _PLACEHOLDER.sub(replace, prompt)
+    return question, (regions if region_feature else []), None, region_feature
 
 
 def bench_queries(questions: Sequence[dict[str, Any]], image_folder: str | os.PathLike) -> list[Query]:
@@ -212,7 +251,7 @@ def bench_queries(questions: Sequence[dict[str, Any]], image_folder: str | os.Pa
             prompt=prompt,
             output={"question_id": question["question_id"], "image_path": str(image_path), "prompt": None,
                     "text": None, "category": question.get("category")},
-            regions=partial(_bench_regions, values, where),
+            build=partial(_bench_question, prompt, values, where),
             where=where,
         ))
     return queries

@@ -12,13 +12,19 @@ For every phrase of every caption:
 1. Ground truth: the phrase's boxes are MERGED into their enclosing box (as the original's ``merge_boxes=True``).
    They come from the annotations whose spans overlap the phrase's spans, or, with ``--flickr-entities-path``,
    from the Flickr30k Entities ``Annotations/{image}.xml`` of the phrase's entity id (the original's source).
-2. Prediction: the answer is parsed with ``ferret.regions.parse_regions``; the boxes kept are those whose phrase
+2. Prediction: the answer's regions (the pixel ``regions`` this project's inference stores, else the ``text``
+   parsed with ``ferret.regions.parse_regions``, see ``common.answer_boxes``); the boxes kept are those whose phrase
    equals the ground-truth phrase after lower-casing, punctuation stripping and whitespace normalisation (the
    original's rule). When none matches exactly, and unless ``strict`` is set, a box is kept when one phrase
    contains the other as whole words ("a man" inside "and a man"), because the parser's phrase is "the text
    since the previous bracket or delimiter", which may carry a leading preposition. When still nothing
    matches, the zero box is used (IoU 0); the phrase counts in the denominator. The counts of exact, fallback
    and unmatched phrases are reported; ``strict=True`` reproduces the original's matching.
+   A phrase is a span, not a string: when the same text occurs twice in a caption ("A girl hands a girl a
+   flower"), the k-th occurrence gets the ground truth of the k-th annotated phrase with that text and the
+   boxes of the answer's k-th mention of it ("a girl [..] hands a girl [..]": one box each; regions written
+   after one mention, "two dogs [..] [..]", belong to that mention). An occurrence the answer does not mention
+   gets the zero box. (The original gave both occurrences the first one's truth and every box of that text.)
 3. Recall@k: the first k kept boxes, in answer order, contain one with IoU >= 0.5; the upper bound uses all.
 
 Phrase types (people, clothing, bodyparts, animals, vehicles, instruments, scene, other) come only from the
@@ -55,10 +61,10 @@ from typing import Any
 
 from ferret.eval.common import (
     AnswerBox,
-    align,
+    PredictionStream,
+    StreamAlignment,
     answer_boxes,
     format_table,
-    load_predictions,
     metrics_path,
     normalize_phrase,
     write_json,
@@ -182,22 +188,18 @@ class FlickrEntities:
             self._boxes[image_id] = read_entity_boxes(path) if path.is_file() else {}
         return self._boxes[image_id]
 
-    def find_phrase(self, image_id: str, sentence_id: int, phrase: str) -> EntityPhrase | None:
-        """The annotated phrase of that sentence with this text (exact, then normalised), or None."""
+    def find_phrase(self, image_id: str, sentence_id: int, phrase: str,
+                    occurrence: int = 0) -> EntityPhrase | None:
+        """The ``occurrence``-th annotated phrase of that sentence with this text (normalised), or None."""
         sentences = self.sentences(image_id)
         if not 0 <= sentence_id < len(sentences):
             raise ValueError(
                 f"sentence_id {sentence_id} is outside the {len(sentences)} sentences of Flickr image {image_id}"
             )
         candidates = sentences[sentence_id][1]
-        for entity in candidates:
-            if entity.phrase == phrase:
-                return entity
         wanted = normalize_phrase(phrase)
-        for entity in candidates:
-            if normalize_phrase(entity.phrase) == wanted:
-                return entity
-        return None
+        same = [entity for entity in candidates if normalize_phrase(entity.phrase) == wanted]
+        return same[occurrence] if len(same) > occurrence else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,24 +273,25 @@ def _contains_words(outer: str, inner: str) -> bool:
     return bool(inner) and f" {inner} " in f" {outer} "
 
 
-def match_phrase_boxes(phrase: str, found: list[AnswerBox], strict: bool = False) -> tuple[list[tuple], str]:
+def match_phrase_boxes(phrase: str, found: list[AnswerBox], strict: bool = False,
+                       occurrence: int = 0) -> tuple[list[tuple], str]:
     """The boxes of an answer that ground ``phrase``, and how they matched: "exact", "fallback" or "none".
 
-    See the module docstring for the rules.
+    ``occurrence`` is which occurrence of this phrase text in the caption is meant (0 = the first): the
+    answer's mentions of the phrase are taken in order, and the k-th occurrence gets the boxes of the k-th
+    mention only (nothing when the answer mentions it fewer times). See the module docstring for the rules.
     """
     wanted = normalize_phrase(phrase)
-    exact = [b.box for b in found if normalize_phrase(b.phrase) == wanted]
-    if exact:
-        return exact, "exact"
+    exact = {id(b) for b in found if normalize_phrase(b.phrase) == wanted}
+    candidates = [b for b in found if id(b) in exact]
     if not strict:
-        loose = []
-        for b in found:
-            got = normalize_phrase(b.phrase)
-            if _contains_words(got, wanted) or _contains_words(wanted, got):
-                loose.append(b.box)
-        if loose:
-            return loose, "fallback"
-    return [], "none"
+        candidates = [b for b in found if id(b) in exact or _contains_words(normalize_phrase(b.phrase), wanted)
+                      or _contains_words(wanted, normalize_phrase(b.phrase))]
+    mentions = sorted({b.mention for b in candidates})
+    if occurrence >= len(mentions):
+        return [], "none"
+    chosen = [b for b in candidates if b.mention == mentions[occurrence]]
+    return [b.box for b in chosen], ("exact" if any(id(b) in exact for b in chosen) else "fallback")
 
 
 def score_flickr(
@@ -301,27 +304,30 @@ def score_flickr(
 ) -> dict[str, Any]:
     """Recall@k (and the upper bound) per phrase type ("all" always; the types only with ``entities``)."""
     sentences = load_flickr_sentences(annotations)
-    alignment = align(
-        sentences,
-        predictions,
-        lambda s: s.key,
-        lambda p: (str(p["image_id"]), int(p["sentence_id"])),
-        "Flickr sentence",
-    )
+    stream = PredictionStream.of(predictions)
+    alignment = StreamAlignment(sentences, lambda s: s.key, "Flickr sentence")
     hits: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     matching = {"exact": 0, "fallback": 0, "none": 0}
     without_box = 0
     without_type = 0
-    for sentence, prediction in alignment.pairs:
-        if "text" not in prediction:
-            raise ValueError(f"prediction for Flickr image {sentence.image_id} sentence {sentence.sentence_id} "
-                             "has no 'text' field")
-        found = answer_boxes(prediction["text"], sentence.width, sentence.height)
+    for sentence, prediction in alignment.pairs(stream, lambda p: (str(p["image_id"]), int(p["sentence_id"]))):
+        where = f"Flickr image {sentence.image_id} sentence {sentence.sentence_id}"
+        if "text" not in prediction and "regions" not in prediction:
+            stream.reject("no_text", where)
+            continue
+        try:
+            found = answer_boxes(prediction, sentence.width, sentence.height)
+        except ValueError as exc:
+            stream.reject("bad_regions", where, str(exc))
+            continue
+        seen: dict[str, int] = defaultdict(int)
         for phrase in sentence.phrases:
+            occurrence = seen[normalize_phrase(phrase.text)]
+            seen[normalize_phrase(phrase.text)] += 1
             categories = ["all"]
             gt_boxes = phrase.boxes
             if entities is not None:
-                entity = entities.find_phrase(sentence.image_id, sentence.sentence_id, phrase.text)
+                entity = entities.find_phrase(sentence.image_id, sentence.sentence_id, phrase.text, occurrence)
                 if entity is None:
                     without_type += 1
                 else:
@@ -331,7 +337,7 @@ def score_flickr(
                 without_box += 1
                 continue
             target = merge_boxes(gt_boxes)
-            boxes, how = match_phrase_boxes(phrase.text, found, strict)
+            boxes, how = match_phrase_boxes(phrase.text, found, strict, occurrence)
             matching[how] += 1
             ious = box_iou_matrix(boxes or [ZERO_BOX], [target])[:, 0]
             for category in categories:
@@ -362,6 +368,7 @@ def score_flickr(
         "phrases_without_box": without_box,
         "phrases_without_type": without_type,
         "alignment": alignment.report(),
+        "predictions_read": stream.report(),
         "threshold": threshold,
         "ground_truth": "merged boxes" + (" (Flickr30k Entities XML)" if entities is not None else " (MDETR JSON)"),
         "strict_matching": strict,
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_from_args(args, flickr_queries(annotations, args.image_folder), KEY_FIELDS)
         return 0
     entities = FlickrEntities(args.flickr_entities_path) if args.flickr_entities_path else None
-    metrics = score_flickr(annotations, load_predictions(args.predictions), entities, args.strict,
+    metrics = score_flickr(annotations, PredictionStream(args.predictions), entities, args.strict,
                            threshold=args.iou_threshold)
     metrics["predictions"] = str(args.predictions)
     metrics["annotation_file"] = str(args.annotation_file)

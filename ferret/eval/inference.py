@@ -10,15 +10,18 @@ Loading
     sampler is deterministic and batch-invariant.
 
 Generation
-    ``generate_batches`` batches queries (``--batch-size``), builds left-padded inputs with the processor's
-    ``__call__`` and calls ``model.generate(..., max_new_tokens=...)``. Greedy decoding is the default
+    ``generate_batches`` batches queries (``--batch-size``), encodes each once with the processor
+    (``encode_query``), pads them on the left and calls ``model.generate(..., max_new_tokens=...)``. Greedy
+    decoding is the default
     (``--temperature 0``); ``--temperature T > 0`` samples (with ``--top-p``, seeded by ``--seed``). The
     original sampled with temperature 0.001 and a random region sampler, so its answers varied from run to
     run; ours are reproducible, and batch size 1 and batch size N give the same answers in fp32.
 
 Answers files
     One JSON object per line: the query's fields, then ``prompt`` (the question as the model read it, with
-    coordinates and ``<region_fea>``, without ``<image>``) and ``text`` (the answer). Placeholders
+    coordinates and ``<region_fea>``, without ``<image>``), ``text`` (the answer) and ``regions`` (what
+    ``FerretProcessor.post_process`` reads in the answer: points and boxes in pixels of the user's image, in
+    the checkpoint's frame, which the scorers use). Placeholders
     ``width``/``height`` set to None are filled with the size of the loaded image. Lines are appended and
     flushed after every batch, so a killed run loses at most one batch; a rerun skips the queries whose key
     (``key_fields``) is already in the file and repairs a half-written last line (``--overwrite`` starts
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ferret.eval.common import chunk_file_name, read_jsonl
+from ferret.eval.common import chunk_file_name, read_jsonl, regions_record
 
 if TYPE_CHECKING:
     from ferret.model.modeling import FerretLlamaForCausalLM
@@ -68,6 +71,8 @@ __all__ = [
     "answers_path",
     "chunk_range",
     "completed_keys",
+    "default_record",
+    "encode_query",
     "generate_batches",
     "infer_from_args",
     "load_model",
@@ -95,6 +100,9 @@ class Query:
         regions: Regions in pixels of the image, or a callable ``image -> (regions, within)``.
         within: per region, an optional mask [H, W] or Box limiting its feature mask (see FerretProcessor).
         where: how error messages name the query ("refcoco image 123").
+        build: optional ``(image, processor, region_feature) -> (prompt, regions, within, no_coor)``, for a
+            question whose wording depends on the image or the processor; it replaces ``prompt``, ``regions``
+            and ``within`` (``no_coor`` True: the question already holds the coordinates).
     """
 
     image: str | os.PathLike | Image.Image
@@ -103,6 +111,7 @@ class Query:
     regions: RegionSource = ()
     within: Sequence[Any] | None = None
     where: str = ""
+    build: Callable[[Image.Image, Any, bool], tuple[str, Sequence[Any], Sequence[Any] | None, bool]] | None = None
 
     def load_image(self) -> Image.Image:
         if isinstance(self.image, Image.Image):
@@ -123,12 +132,14 @@ class Query:
 
 @dataclass(frozen=True)
 class Answer:
-    """A generated answer: the query, the question as the model read it, the answer text, the image size."""
+    """A generated answer: the query, the question as the model read it, the answer text, the image size and
+    the regions ``post_process`` found in the answer (pixels of the user's image)."""
 
     query: Query
     prompt: str
     text: str
     image_size: tuple[int, int]
+    regions: Sequence[Any] = ()
 
 
 @dataclass
@@ -282,6 +293,40 @@ def _clean(text: str) -> str:
     return text
 
 
+def _question(query: Query, image: Image.Image, processor: FerretProcessor, region_feature: bool,
+              no_coor: bool) -> tuple[str, list[Region], list[Any] | None, bool]:
+    if query.build is not None:
+        prompt, regions, within, query_no_coor = query.build(image, processor, region_feature)
+        return prompt, list(regions), (list(within) if within is not None else None), no_coor or query_no_coor
+    regions, within = query.resolve_regions(image)
+    return query.prompt, regions, within, no_coor
+
+
+def encode_query(processor: FerretProcessor, query: Query, image: Image.Image, region_feature: bool = True,
+                 no_coor: bool = False) -> tuple[str, dict[str, Any]]:
+    """(the question as the model reads it, the encoded sample) for one query, formatted and encoded once.
+
+    The processor formats the turn (coordinates, ``<region_fea>``, feature masks) once; the formatted turn goes
+    into the chat template and through ``encode_prompt`` with those masks, which gives the ids ``encode``
+    gives for the same conversation.
+    """
+    from ferret.constants import IMAGE_TOKEN
+    from ferret.conversation import get_template
+
+    prompt, regions, within, query_no_coor = _question(query, image, processor, region_feature, no_coor)
+    if query_no_coor and not region_feature:
+        raise ValueError(f"{query.where}: no_coor needs region features: without both the question would not "
+                         "locate the region")
+    where = f"{query.where}: " if query.where else ""
+    text, masks = processor.format_turn(prompt, regions, processor.frame(*image.size), True, within,
+                                        region_feature, query_no_coor, where=where)
+    text = text.replace(IMAGE_TOKEN, "").strip()
+    conv = get_template(processor.conv_template)
+    conv.append_message(conv.roles[0], IMAGE_TOKEN + "\n" + text)
+    conv.append_message(conv.roles[1], None)
+    return text, processor.encode_prompt(conv.get_prompt(), image, masks, where=where)
+
+
 def generate_batches(
     model: FerretLlamaForCausalLM,
     processor: FerretProcessor,
@@ -291,7 +336,11 @@ def generate_batches(
     region_feature: bool = True,
     no_coor: bool = False,
 ) -> Iterator[list[Answer]]:
-    """Answers to ``queries``, one list per batch of ``batch_size``, in query order."""
+    """Answers to ``queries``, one list per batch of ``batch_size``, in query order.
+
+    Each query is encoded once (``encode_query``); the answer is decoded and passed through
+    ``processor.post_process``, whose regions (pixels of the user's image) come with the answer.
+    """
     import torch
 
     if batch_size < 1:
@@ -304,37 +353,31 @@ def generate_batches(
     kwargs = generation.generate_kwargs(processor.tokenizer)
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
-        images, regions, within, prompts = [], [], [], []
+        images, prompts, features = [], [], []
         for query in batch:
             image = query.load_image()
-            query_regions, query_within = query.resolve_regions(image)
-            frame = processor.frame(*image.size)
-            try:
-                prompt, _ = processor.format_turn(query.prompt, query_regions, frame, True, query_within,
-                                                  region_feature, no_coor)
-            except ValueError as exc:
-                raise ValueError(f"{query.where}: {exc}") from exc
+            prompt, encoded = encode_query(processor, query, image, region_feature, no_coor)
             images.append(image)
-            regions.append(query_regions)
-            within.append(query_within)
             prompts.append(prompt)
-        inputs = processor(images, [q.prompt for q in batch], regions=regions, within=within,
-                           region_feature=region_feature, no_coor=no_coor)
+            features.append(encoded)
+        inputs = processor.pad(features, padding_side="left")
         inputs.pop("labels", None)
         with torch.inference_mode():
             output = model.generate(**processor.model_inputs(inputs, model), **kwargs)
-        texts = processor.batch_decode(output.cpu())
+        texts = [_clean(text) for text in processor.batch_decode(output.cpu())]
         yield [
-            Answer(query, prompt, _clean(text), image.size)
+            Answer(query, prompt, text, image.size, processor.post_process(text, image.size)[1])
             for query, prompt, text, image in zip(batch, prompts, texts, images)
         ]
 
 
 def default_record(answer: Answer) -> dict[str, Any]:
-    """The answers-file line: the query's fields, ``prompt`` and ``text``; None width/height filled in."""
+    """The answers-file line: the query's fields, ``prompt``, ``text`` and ``regions`` (what
+    ``post_process`` found in the answer, pixels of the user's image); None width/height filled in."""
     record = dict(answer.query.output)
     record["prompt"] = answer.prompt
     record["text"] = answer.text
+    record["regions"] = regions_record(answer.regions)
     for name, value in zip(("width", "height"), answer.image_size):
         if name in record and record[name] is None:
             record[name] = value

@@ -1,7 +1,7 @@
 """LVIS referring object classification: a two-way choice about one region, scored by accuracy per region type.
 
 The question is "Is the object {region} <region_fea> of the image a {A} or a {B}?", where one of A and B is
-the region's LVIS class and the other a negative class. Records (the LVIS-referring jsonl, REFERENCE §5) carry
+the region's LVIS class and the other a negative class. Records (the LVIS-referring jsonl) carry
 ``id, image_path, width, height, name, synonyms, neg_class, sample_point, bbox, bbox_norm,
 free_shape_bbox_raw, free_shape_segment_mask``; predictions carry at least ``id, text, name, synonyms`` and,
 when written by this project's inference, ``region_format`` ("point", "box" or "free_shape").
@@ -12,11 +12,14 @@ synonyms as whole words:
 * Names are normalised as the original does: ``_`` becomes a space and ``"a (b)"`` gives the two names "a" and
   "b"; comparison is case-insensitive; a plural "s"/"es" is accepted ("dogs" mentions "dog").
 * Whole words: "cat" is not found in "category", "book" not in "notebook", "bus" not in "busy".
+* The longest class named wins: a mention of one of the two offered classes that lies inside a longer mention
+  of the other is not a mention. Offered "sign" and "stop_sign", "It is a stop sign." names stop_sign only
+  (the original, matching substrings, counted it for both); plurals and ``_`` vs space as above.
 * Negation: a clause starting at a negation word (``not``, ``no``, ``never``, ``cannot``, ``neither``, ``nor``
   or an ``n't`` contraction) is removed up to the next ``, . ; : ! ?``, newline, "but", "instead" or "rather",
   so "It is not a cat, it is a dog" keeps "It is  it is a dog" and "No, it is not a dog" keeps nothing about
   a dog. Negation words are matched on word boundaries, so "north", "notebook" or "nothing" are left alone
-  (the original's ``\\s+no[^,.]*[,.]`` deleted them up to the next comma, REFERENCE §8 item 29).
+  (the original's ``\\s+no[^,.]*[,.]`` deleted them up to the next comma).
 
 Also reported: ``both_mentioned``, answers that (after negation removal) mention both the class and the negative
 class, which the rule above counts as correct, as the original does.
@@ -57,7 +60,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ferret.eval.common import align, format_table, load_predictions, metrics_path, read_jsonl, write_json
+from ferret.eval.common import (
+    PredictionStream,
+    StreamAlignment,
+    decode_segmentation,
+    format_table,
+    metrics_path,
+    read_jsonl,
+    write_json,
+)
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.regions import Box, FreeForm, Point
 
@@ -70,7 +81,9 @@ __all__ = [
     "free_shape_mask",
     "is_correct",
     "lvis_queries",
+    "classify",
     "main",
+    "mention_spans",
     "mentions",
     "remove_negations",
     "score_lvis",
@@ -109,14 +122,39 @@ def _name_pattern(name: str) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)" + r"[\s\-]+".join(words) + r"(?:e?s)?(?!\w)", re.IGNORECASE)
 
 
+def mention_spans(text: str, names: Iterable[str]) -> list[tuple[int, int]]:
+    """Character spans where ``text`` names one of ``names`` as whole words (a plural s/es allowed)."""
+    return sorted({m.span() for name in names if name.strip() for m in _name_pattern(name).finditer(text)})
+
+
 def mentions(text: str, names: Iterable[str]) -> bool:
     """Whether ``text`` contains one of ``names`` as whole words (a plural s/es allowed), case-insensitively."""
-    return any(_name_pattern(name).search(text) for name in names if name.strip())
+    return bool(mention_spans(text, names))
 
 
-def is_correct(text: str, name: str, synonyms: Iterable[str] = ()) -> bool:
-    """The LVIS rule: the answer, without negated clauses, mentions the class name or a synonym."""
-    return mentions(remove_negations(text), class_names(name, synonyms))
+def _outside_longer(spans: list[tuple[int, int]], others: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans that do not lie inside a longer span of ``others`` ("sign" inside "stop sign")."""
+    return [(s, e) for s, e in spans
+            if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2 in others)]
+
+
+def classify(text: str, name: str, synonyms: Iterable[str] = (), negative: str | None = None) -> tuple[bool, bool]:
+    """(correct, both mentioned) for an answer: after negated clauses are removed, the longest class named wins.
+
+    A mention of one class that lies inside a longer mention of the other is not a mention: offered "sign"
+    and "stop_sign", "It is a stop sign." names stop_sign only.
+    """
+    kept = remove_negations(text)
+    true_spans = mention_spans(kept, class_names(name, synonyms))
+    negative_spans = mention_spans(kept, class_names(negative)) if negative else []
+    true_left = _outside_longer(true_spans, negative_spans)
+    negative_left = _outside_longer(negative_spans, true_spans)
+    return bool(true_left), bool(true_left and negative_left)
+
+
+def is_correct(text: str, name: str, synonyms: Iterable[str] = (), negative: str | None = None) -> bool:
+    """The LVIS rule: the answer, without negated clauses, names the class (the longest class named wins)."""
+    return classify(text, name, synonyms, negative)[0]
 
 
 def score_lvis(
@@ -130,25 +168,28 @@ def score_lvis(
     names are taken from the annotation; missing predictions are reported. The region type of a prediction is
     its ``region_format`` field, else ``region_format``, else "unknown".
     """
+    stream = PredictionStream.of(predictions)
+    alignment = None
     if annotations is not None:
-        alignment = align(annotations, predictions, lambda r: str(r["id"]), lambda p: str(p["id"]), "LVIS record")
-        pairs = alignment.pairs
-        report: dict[str, Any] | None = alignment.report()
+        alignment = StreamAlignment(annotations, lambda r: str(r["id"]), "LVIS record")
+        pairs: Iterable[tuple[dict[str, Any], dict[str, Any]]] = alignment.pairs(stream, lambda p: str(p["id"]))
     else:
-        pairs = [(prediction, prediction) for prediction in predictions]
-        report = None
+        pairs = ((prediction, prediction) for prediction in stream)
 
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for record, prediction in pairs:
-        for field_name in ("name", "synonyms"):
-            if field_name not in record:
-                raise ValueError(f"LVIS record id={record.get('id')} has no '{field_name}'")
-        if "text" not in prediction:
-            raise ValueError(f"LVIS prediction id={prediction.get('id')} has no 'text' field")
-        kept = remove_negations(prediction["text"])
-        correct = mentions(kept, class_names(record["name"], record["synonyms"]))
+        where = f"LVIS id={record.get('id')}"
+        missing = [f for f in ("name", "synonyms") if f not in record]
+        if missing:
+            if annotations is not None:
+                raise ValueError(f"LVIS record id={record.get('id')} has no '{missing[0]}'")
+            stream.reject("no_class_name", where)
+            continue
+        if not isinstance(prediction.get("text"), str):
+            stream.reject("no_text", where)
+            continue
         negative = record.get("neg_class") or prediction.get("neg_class")
-        both = bool(correct and negative and mentions(kept, class_names(negative)))
+        correct, both = classify(prediction["text"], record["name"], record["synonyms"], negative)
         kind = prediction.get("region_format") or record.get("region_format") or region_format or "unknown"
         for bucket_name in ("all", kind):
             bucket = counts[bucket_name]
@@ -165,9 +206,10 @@ def score_lvis(
             "correct": bucket["correct"],
             "both_mentioned": bucket["both_mentioned"],
         }
-    metrics: dict[str, Any] = {"benchmark": "lvis_referring", "results": results}
-    if report is not None:
-        metrics["alignment"] = report
+    metrics: dict[str, Any] = {"benchmark": "lvis_referring", "results": results,
+                               "predictions_read": stream.report()}
+    if alignment is not None:
+        metrics["alignment"] = alignment.report()
     return metrics
 
 
@@ -179,12 +221,10 @@ def free_shape_mask(value: Any, width: int, height: int, where: str = "") -> np.
     """A record's free-form mask as bool [H, W]: a dense 2-D list shaped [W, H] (the original's layout,
     transposed here) or a COCO RLE dict. ValueError (naming ``where``) for any other shape."""
     if isinstance(value, dict):
-        mask = FreeForm.from_rle(value).mask
-        if mask.shape != (height, width):
-            raise ValueError(f"{where}: free_shape_segment_mask RLE has size {list(mask.shape)}, expected "
-                             f"[h, w] = [{height}, {width}]")
-        return np.asarray(mask)
-    array = np.asarray(value)
+        return decode_segmentation(value, width, height, f"{where}: free_shape_segment_mask")
+    declared = (len(value), len(value[0]) if len(value) and isinstance(value[0], list) else -1) \
+        if isinstance(value, list) else None
+    array = np.asarray(value) if declared == (width, height) else np.zeros((0,))
     if array.ndim != 2 or array.shape != (width, height):
         raise ValueError(f"{where}: free_shape_segment_mask must be a 2-D list shaped [W, H] = [{width}, {height}] "
                          f"(first index = x) or an RLE dict, got shape {list(array.shape)}")
@@ -261,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_from_args(args, queries, KEY_FIELDS, no_coor=args.no_coor)
         return 0
     annotations = read_jsonl(args.annotation_file) if args.annotation_file else None
-    metrics = score_lvis(load_predictions(args.predictions), annotations, args.region_format)
+    metrics = score_lvis(PredictionStream(args.predictions), annotations, args.region_format)
     metrics["predictions"] = str(args.predictions)
     out = write_json(metrics, args.output or metrics_path(args.predictions))
     rows = [[k, r["n"], 100 * r["accuracy"], r["both_mentioned"]] for k, r in metrics["results"].items()]

@@ -4,17 +4,25 @@ Questions come from the POPE jsonl files (``coco_pope_{random,popular,adversaria
 ``{question_id, image, text, label}`` with label "yes" or "no". Predictions are JSON lines with the answer in
 ``answer`` (the original's field) or ``text``, and ``question_id`` when written by this project's inference.
 
-Deciding yes/no from a free-form answer, on its first sentence only (up to the first ``.``, ``!``, ``?`` or
-newline):
+Deciding yes/no from a free-form answer: by how the answer answers the question, not by whether a negation
+word appears anywhere. On the first sentence only (up to the first ``.``, ``!``, ``?`` or newline):
 
-1. an answer whose first word is "yes" is yes, one whose first word is "no" is no;
-2. otherwise it is no when the sentence holds a negation word (``no``, ``not``, ``never``, ``cannot`` or an
-   ``n't`` contraction, matched as whole words), else yes.
+1. A leading answer word decides: "yes", "yeah", "yep", "correct", "true", "indeed", "certainly", ... is yes;
+   "no", "nope", "nah", "incorrect", "false" is no ("Yes, the cup is on the table, not the shelf." is yes).
+2. Otherwise the sentence is split into clauses (at ``, ; :``, a dash, "but", "although", "while",
+   "whereas", "instead", "rather than"); clauses of one word ("Unfortunately, ...") are not the answer. The
+   clause that answers is the first existential one ("there is/are/was/were/'s ...", "there appears to be
+   ...") or else the first clause; it is no when it is negated (``no``, ``not``, ``never``, ``cannot``,
+   ``none``, ``nothing``, ``without``, ``missing``, ``lacks`` or an ``n't`` contraction, as whole words),
+   else yes. So "There is no cup, but a glass" and "I don't see a cup" are no; "A cup is on the table, not
+   on the shelf" and "The image shows a notebook" (not "not") are yes.
 
-The original (``eval_pope.py``) split on spaces after dropping commas, so "No!" or "There isn't a dog" counted
-as yes, and "Yes, there is a dog, not a cat" as no; rule 1 and the word-boundary matching fix those.
+The original (``eval_pope.py``) split on spaces after dropping commas and called any ``No``/``not``/``no``
+in the first sentence a no: "No!" or "There isn't a dog" counted as yes, and "Yes, there is a dog, not a
+cat" or "There is a cup on the table, not on the shelf" as no.
 
-Alignment: by ``question_id`` when every prediction and every question has one; otherwise by order, and then
+Alignment: by ``question_id`` when every question and the first prediction have one (later predictions
+without it are counted as ``no_key``); otherwise by order (the original's files have no question_id), and then
 the two lists must have the same length (ValueError otherwise). "yes" is the positive class.
 
 Inference (``infer``) asks each question's ``text`` verbatim about ``{image-folder}/{image}`` (COCO val2014) and
@@ -33,13 +41,14 @@ Command lines::
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from ferret.eval.common import align, format_table, load_predictions, metrics_path, read_jsonl, write_json
+from ferret.eval.common import PredictionStream, StreamAlignment, format_table, metrics_path, read_jsonl, write_json
 from ferret.eval.inference import Answer, Query, add_inference_arguments, default_record, infer_from_args
 
 logger = logging.getLogger(__name__)
@@ -49,19 +58,32 @@ __all__ = ["KEY_FIELDS", "confusion_metrics", "decide_yes_no", "main", "pope_que
 KEY_FIELDS = ("question_id",)
 
 _FIRST_SENTENCE_END = re.compile(r"[.!?\n]")
-_WORD = re.compile(r"[a-z]+(?:['’][a-z]+)?")
-_NEGATIONS = {"no", "not", "never", "cannot"}
+_CLAUSE_END = re.compile(r"[,;:]|\s[-\u2013\u2014]\s|\b(?:but|although|though|while|whereas|instead|rather than)\b")
+_WORD = re.compile(r"[a-z]+(?:['\u2019][a-z]+)?")
+_YES = {"yes", "yeah", "yep", "yup", "correct", "true", "indeed", "certainly", "absolutely", "affirmative"}
+_NO = {"no", "nope", "nah", "incorrect", "false", "negative"}
+_NEGATIONS = {"no", "not", "never", "cannot", "none", "nothing", "nobody", "neither", "nor", "without", "absent",
+              "lacks", "lack", "missing"}
+_EXISTENTIAL = re.compile(r"\bthere\s+(?:is|are|was|were|'s|\u2019s|appears?\s+to\s+be|seems?\s+to\s+be)\b")
+
+
+def _negated(words: list[str]) -> bool:
+    return any(word in _NEGATIONS or word.endswith(("n't", "n\u2019t")) for word in words)
 
 
 def decide_yes_no(text: str) -> str:
-    """"yes" or "no" for a free-form answer (see the module docstring)."""
+    """"yes" or "no" for a free-form answer to "Is there a ... in the image?" (see the module docstring)."""
     first = _FIRST_SENTENCE_END.split(text.strip(), maxsplit=1)[0].lower()
     words = _WORD.findall(first)
-    if words and words[0] in ("yes", "no"):
-        return words[0]
-    if any(word in _NEGATIONS or word.endswith(("n't", "n’t")) for word in words):
+    if words and words[0] in _YES:
+        return "yes"
+    if words and words[0] in _NO:
         return "no"
-    return "yes"
+    clauses = [_WORD.findall(clause) for clause in _CLAUSE_END.split(first)]
+    clauses = [c for c in clauses if len(c) >= 2] or [words]  # "Unfortunately, ..." is not the answer
+    existential = [c for c in clauses if _EXISTENTIAL.search(" ".join(c).replace(" s ", "'s "))]
+    main = existential[0] if existential else clauses[0]
+    return "no" if _negated(main) else "yes"
 
 
 def confusion_metrics(predicted: list[str], labels: list[str]) -> dict[str, Any]:
@@ -108,30 +130,54 @@ def _answer(record: dict[str, Any]) -> str:
     raise ValueError(f"POPE prediction question_id={record.get('question_id')} has neither 'answer' nor 'text'")
 
 
-def score_pope(questions: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, Any]:
-    """POPE metrics of ``predictions`` against the labelled ``questions`` (see the module docstring)."""
-    by_id = all("question_id" in q for q in questions) and all("question_id" in p for p in predictions)
+def score_pope(questions: list[dict[str, Any]], predictions: Any) -> dict[str, Any]:
+    """POPE metrics of ``predictions`` (a list, a path or a ``PredictionStream``) against the labelled
+    ``questions`` (see the module docstring)."""
+    stream = PredictionStream.of(predictions)
+    records = iter(stream)
+    first = next(records, None)
+    records = itertools.chain([first] if first is not None else [], records)
+    by_id = all("question_id" in q for q in questions) and first is not None and "question_id" in first
+    labels: list[str] = []
+    predicted: list[str] = []
     if by_id:
-        alignment = align(questions, predictions, lambda q: str(q["question_id"]), lambda p: str(p["question_id"]),
-                          "POPE question")
-        pairs = alignment.pairs
+        alignment = StreamAlignment(questions, lambda q: str(q["question_id"]), "POPE question")
+
+        def key(record: dict[str, Any]) -> str:
+            return str(record["question_id"])
+
+        for index, (question, prediction) in enumerate(alignment.pairs(records, key, stream)):
+            try:
+                answer = _answer(prediction)
+            except ValueError as exc:
+                stream.reject("no_text", f"question_id={question['question_id']}", str(exc))
+                continue
+            labels.append(_label(question, index))
+            predicted.append(decide_yes_no(answer))
         report = alignment.report()
     else:
-        if len(questions) != len(predictions):
+        records = list(records)
+        if len(questions) != len(records):
             raise ValueError(
-                f"cannot align POPE predictions by order: {len(predictions)} predictions for {len(questions)} "
-                "questions (and not every record has a question_id)"
+                f"cannot align POPE predictions by order: {len(records)} predictions for {len(questions)} "
+                "questions (and not every question has a question_id)"
             )
-        pairs = list(zip(questions, predictions))
-        report = {"evaluated": len(pairs), "missing": 0, "unexpected": 0, "duplicates": 0, "complete": True}
-    labels = [_label(q, i) for i, (q, _) in enumerate(pairs)]
-    predicted = [decide_yes_no(_answer(p)) for _, p in pairs]
+        for index, (question, prediction) in enumerate(zip(questions, records)):
+            try:
+                answer = _answer(prediction)
+            except ValueError as exc:
+                stream.reject("no_text", f"prediction #{index}", str(exc))
+                continue
+            labels.append(_label(question, index))
+            predicted.append(decide_yes_no(answer))
+        report = {"evaluated": len(labels), "missing": 0, "unexpected": 0, "duplicates": 0, "complete": True}
     metrics = confusion_metrics(predicted, labels)
     return {
         "benchmark": "pope",
         "results": metrics,
         "aligned_by": "question_id" if by_id else "order",
         "alignment": report,
+        "predictions_read": stream.report(),
     }
 
 
@@ -179,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_from_args(args, pope_queries(read_jsonl(args.annotation_file), args.image_folder), KEY_FIELDS,
                         make_record=pope_record)
         return 0
-    metrics = score_pope(read_jsonl(args.annotation_file), load_predictions(args.predictions))
+    metrics = score_pope(read_jsonl(args.annotation_file), PredictionStream(args.predictions))
     metrics["predictions"] = str(args.predictions)
     metrics["annotation_file"] = str(args.annotation_file)
     out = write_json(metrics, args.output or metrics_path(args.predictions))

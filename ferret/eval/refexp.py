@@ -11,9 +11,11 @@ Scoring (per ``dataset_name`` and split, threshold 0.5 by default):
 * ``acc@0.5_mean_box``     the coordinate-wise mean of all the answer's boxes does,
 * ``acc@0.5_upper_bound``  any box of the answer does.
 
-Differences from the original ``eval_refexp.py`` (REFERENCE §5, §8 items 23, 25-27): predictions are matched to
+Differences from the original ``eval_refexp.py``: predictions are matched to
 the ground truth by ``image_id`` rather than zipped by position after a sort, missing predictions are reported,
-answers go through ``ferret.regions.parse_regions`` so a point answer ``[x, y]`` is scored (as the zero-size
+answers are read from the pixel ``regions`` this project's inference stores (``FerretProcessor.post_process``,
+right in every ``image_aspect_ratio``) or, for the original's files, parsed with ``ferret.regions.parse_regions``,
+so a point answer ``[x, y]`` is scored (as the zero-size
 box, IoU 0) instead of crashing, and the metrics file goes next to the predictions (``common.metrics_path``).
 An answer with no box is scored with the zero box (IoU 0) and stays in the denominator, as in the original.
 IoU is the continuous DETR-style IoU of ``metrics``, with the image size of the ground truth.
@@ -45,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from ferret.eval.common import (
-    align,
+    PredictionStream,
+    StreamAlignment,
     answer_boxes,
     format_table,
-    load_predictions,
     metrics_path,
     write_json,
 )
@@ -131,17 +133,24 @@ def score_refexp(
     are fractions in [0, 1].
     """
     items = load_refexp_items(annotations)
-    alignment = align(items, predictions, lambda item: str(item.image_id), lambda p: str(p["image_id"]), "image")
+    stream = PredictionStream.of(predictions)
+    alignment = StreamAlignment(items, lambda item: str(item.image_id), "image")
 
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     size_mismatch = 0
-    for item, prediction in alignment.pairs:
-        if "text" not in prediction:
-            raise ValueError(f"prediction for image_id {item.image_id} has no 'text' field")
+    for item, prediction in alignment.pairs(stream, lambda p: str(p["image_id"])):
+        where = f"image_id {item.image_id}"
+        if "text" not in prediction and "regions" not in prediction:
+            stream.reject("no_text", where)
+            continue
+        try:
+            found = answer_boxes(prediction, item.width, item.height)
+        except ValueError as exc:
+            stream.reject("bad_regions", where, str(exc))
+            continue
         recorded_size = (prediction.get("width"), prediction.get("height"))
         if None not in recorded_size and tuple(map(int, recorded_size)) != (item.width, item.height):
             size_mismatch += 1
-        found = answer_boxes(prediction["text"], item.width, item.height)
         bucket = counts[item.dataset_name]
         bucket["n"] += 1
         if not found:
@@ -177,6 +186,7 @@ def score_refexp(
         "benchmark": "refexp",
         "results": results,
         "alignment": alignment.report(),
+        "predictions_read": stream.report(),
         "threshold": threshold,
         "iou": "continuous (DETR-style)",
     }
@@ -219,7 +229,7 @@ def _print_results(metrics: dict[str, Any]) -> None:
     print(format_table(["dataset", "n", f"Acc@{t} (%)", "mean box (%)", "upper bound (%)", "no box"], rows))
     a = metrics["alignment"]
     print(f"evaluated {a['evaluated']}, missing {a['missing']}, unexpected {a['unexpected']}, "
-          f"duplicates {a['duplicates']}")
+          f"duplicates {a['duplicates']}; unparseable {metrics['predictions_read']['unparseable']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_from_args(args, refexp_queries(annotations, args.image_folder), KEY_FIELDS)
         return 0
     split = args.split or split_from_filename(args.annotation_file)
-    metrics = score_refexp(annotations, load_predictions(args.predictions), split, args.iou_threshold)
+    metrics = score_refexp(annotations, PredictionStream(args.predictions), split, args.iou_threshold)
     metrics["predictions"] = str(args.predictions)
     metrics["annotation_file"] = str(args.annotation_file)
     out = write_json(metrics, args.output or metrics_path(args.predictions))

@@ -47,11 +47,19 @@ from typing import Any
 import numpy as np
 
 from ferret.data.toy import COLOR_RGB, SHAPES
-from ferret.eval.common import align, format_table, load_predictions, metrics_path, write_json
+from ferret.eval.common import (
+    PredictionStream,
+    StreamAlignment,
+    answer_boxes,
+    decode_segmentation,
+    format_table,
+    metrics_path,
+    write_json,
+)
 from ferret.eval.inference import GenerationConfig, Query, add_inference_arguments, infer_from_args, run_inference
 from ferret.eval.metrics import box_iou
 from ferret.eval.pope import decide_yes_no
-from ferret.regions import Box, FreeForm, Point, parse_regions
+from ferret.regions import Box, FreeForm, Point
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +93,16 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 # Queries
 
 
-def toy_region(box: Sequence[int], rle: dict | None, region_type: str,
-               where: str = "") -> tuple[Box | Point | FreeForm, np.ndarray | None]:
-    """(region, within) for one human region of a toy record (see the module docstring)."""
-    mask = FreeForm.from_rle(rle).mask if rle is not None else None
+def toy_region(box: Sequence[int], rle: dict | None, region_type: str, where: str = "",
+               size: tuple[int, int] | None = None) -> tuple[Box | Point | FreeForm, np.ndarray | None]:
+    """(region, within) for one human region of a toy record (see the module docstring). With the image
+    ``size`` (W, H), the mask's declared size is checked against it before the mask is decoded."""
+    if rle is None:
+        mask = None
+    elif size is not None:
+        mask = decode_segmentation(rle, size[0], size[1], where)
+    else:
+        mask = FreeForm.from_rle(rle).mask
     if region_type == "box":
         return Box(*(float(v) for v in box)), mask
     if region_type == "free_form":
@@ -120,9 +134,11 @@ def toy_queries(records: Sequence[dict[str, Any]], image_folder: str | os.PathLi
         masks = (record.get("masks") or [[]])[0]
         types = (record.get("region_type") or [[]])[0]
         regions, within = [], []
+        size = (int(record["image_w"]), int(record["image_h"])) if "image_w" in record and "image_h" in record \
+            else None
         for k, box in enumerate(boxes):
             kind = types[k] if k < len(types) else "box"
-            region, inside = toy_region(box, masks[k] if k < len(masks) else None, kind, f"{where} region {k}")
+            region, inside = toy_region(box, masks[k] if k < len(masks) else None, kind, f"{where} region {k}", size)
             regions.append(region)
             within.append(inside)
         queries.append(Query(
@@ -151,36 +167,40 @@ def _pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return box_iou([a[0], a[1], a[2] + 1, a[3] + 1], [b[0], b[1], b[2] + 1, b[3] + 1])
 
 
-def _answer_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float] | None]]:
-    found = []
-    for grounded in parse_regions(text, width, height):
-        region = grounded.region
-        box = (region.x1, region.y1, region.x2, region.y2) if isinstance(region, Box) else None
-        found.append((grounded.phrase, box))
-    return found
+def _answer_boxes(prediction: dict[str, Any], width: int,
+                  height: int) -> list[tuple[str, tuple[float, float, float, float] | None]]:
+    """(phrase, inclusive pixel box or None for a point) of each region of the answer (``common.answer_boxes``)."""
+    return [(b.phrase, None if b.is_point else b.box) for b in answer_boxes(prediction, width, height)]
 
 
 def _ratio(hits: int, n: int) -> float | None:
     return hits / n if n else None
 
 
-def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]],
+def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream | Sequence[dict[str, Any]],
               threshold: float = 0.5) -> dict[str, Any]:
     """Metrics of ``predictions`` (answers-file lines with ``id`` and ``text``) on the toy ``records``."""
-    alignment = align(records, predictions, lambda r: str(r["id"]), lambda p: str(p["id"]), "toy record")
+    stream = PredictionStream.of(predictions)
+    alignment = StreamAlignment(records, lambda r: str(r["id"]), "toy record")
     refer: dict[str, dict[str, list[int]]] = {"refer": defaultdict(lambda: [0, 0]),
                                               "refer_choice": defaultdict(lambda: [0, 0])}
     ground = {"n": 0, "hits": 0, "no_box": 0}
     describe = {"records": 0, "objects": 0, "recalled": 0, "boxes": 0, "correct_boxes": 0}
     yesno = {"n": 0, "correct": 0, "yes": 0}
     unknown_tasks: dict[str, int] = defaultdict(int)
-    for record, prediction in alignment.pairs:
-        if "text" not in prediction:
-            raise ValueError(f"prediction for toy record {record['id']} has no 'text' field")
+    for record, prediction in alignment.pairs(stream, lambda p: str(p["id"])):
+        if not isinstance(prediction.get("text"), str):
+            stream.reject("no_text", f"toy record {record['id']}")
+            continue
         text = prediction["text"]
         truth = record["conversations"][1]["value"]
         task = record["task"]
         width, height = int(record["image_w"]), int(record["image_h"])
+        try:
+            found = _answer_boxes(prediction, width, height)
+        except ValueError as exc:
+            stream.reject("bad_regions", f"toy record {record['id']}", str(exc))
+            continue
         if task in refer:
             target = object_names(truth)
             named = set(object_names(text))
@@ -191,7 +211,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 refer[task][bucket][1] += correct
         elif task == "ground":
             target_box = record["box_x1y1x2y2"][1][0]
-            boxes = _answer_boxes(text, width, height)
+            boxes = found
             ground["n"] += 1
             if not boxes or boxes[0][1] is None:
                 ground["no_box"] += not boxes
@@ -199,7 +219,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
                 ground["hits"] += _pixel_iou(boxes[0][1], target_box) >= threshold
         elif task == "describe":
             objects = record["objects"]
-            boxes = [(set(object_names(phrase)), box) for phrase, box in _answer_boxes(text, width, height)]
+            boxes = [(set(object_names(phrase)), box) for phrase, box in found]
             describe["records"] += 1
             describe["objects"] += len(objects)
             describe["boxes"] += len(boxes)
@@ -248,6 +268,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: Sequence[dict[str,
         "yesno_accuracy": results["yesno"]["accuracy"],
     }
     return {"benchmark": "toy", "results": results, "summary": summary, "alignment": alignment.report(),
+            "predictions_read": stream.report(),
             "threshold": threshold}
 
 
@@ -268,7 +289,7 @@ def evaluate_toy(model, processor, records: Sequence[dict[str, Any]], image_fold
                       overwrite=overwrite, progress=progress)
     finally:
         model.train(was_training)
-    metrics = score_toy(records, load_predictions(answers_file))
+    metrics = score_toy(records, PredictionStream(answers_file))
     metrics["predictions"] = str(answers_file)
     write_json(metrics, metrics_path(answers_file))
     return metrics
@@ -287,7 +308,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 def _score(predictions: str, annotation_file: str, output: str | None, threshold: float,
            only_if_complete: bool = False) -> dict[str, Any] | None:
-    metrics = score_toy(load_records(annotation_file), load_predictions(predictions), threshold)
+    metrics = score_toy(load_records(annotation_file), PredictionStream(predictions), threshold)
     if only_if_complete and not metrics["alignment"]["complete"]:
         print(f"{metrics['alignment']['missing']} records have no answer yet (other chunks still running); "
               f"score with `python -m ferret.eval.toy score --predictions {predictions} ...` when all are done")
