@@ -470,10 +470,30 @@ def check_output_path(target: str | os.PathLike, *, overwrite: bool, inputs: Ite
             raise FileExistsError(f"the output {target} is also an input; choose another output path")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    leftovers = sorted(target.parent.glob(f".{target.name}.partial-*")) if target.parent.is_dir() else []
-    if leftovers:
-        logger.warning("found leftovers of an earlier killed run, safe to delete: %s", ", ".join(map(str, leftovers)))
+    for message in leftover_messages(target):
+        logger.warning("%s", message)
     return target
+
+
+def leftover_messages(target: str | os.PathLike) -> list[str]:
+    """What earlier killed runs left next to ``target``, one sentence per folder, saying what it is and what to do.
+
+    ``.NAME.partial-*``: an unfinished output, safe to delete. ``.NAME.old-*``: the previous ``target``, moved aside
+    while a new one replaced it; safe to delete when ``target`` exists, else ``mv`` restores it.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    messages = [f"{p} is the unfinished output of an earlier killed run; safe to delete"
+                for p in sorted(target.parent.glob(f".{target.name}.partial-*"))]
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if target.exists():
+            messages.append(f"{old} is a previous {target} kept aside by an earlier killed run; {target} is "
+                            "complete, so it is safe to delete")
+        else:
+            messages.append(f"{old} is the previous {target}, moved aside by a run killed while replacing it: "
+                            f"`mv {old} {target}` restores it")
+    return messages
 
 
 def _remove(path: Path) -> None:
@@ -486,13 +506,16 @@ def _remove(path: Path) -> None:
 
 def _commit(partial: Path, target: Path) -> None:
     """Move `partial` to `target`, replacing an existing target only once the new one is complete."""
+    fsync_tree(partial)
     if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
         os.rename(partial, target)
+        fsync_path(target.parent)
         _remove(old)
     else:
         os.rename(partial, target)
+        fsync_path(target.parent)
 
 
 @contextlib.contextmanager
