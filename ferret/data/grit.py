@@ -399,7 +399,7 @@ def _declared_size(record: dict) -> tuple[int, int] | None:
 
 def check_record(
     record: Any, dataset_type: DatasetType | str, image_size: tuple[int, int] | None = None,
-    region_feature: bool = True, decode_masks: bool = True,
+    region_feature: bool = True, masks: str = "decode",
 ) -> CheckedRecord:
     """Reads a GRIT record and lists every problem with it (see REASONS). The one place that decides whether a
     record is usable: ``GritDataset`` skips what it rejects, ``ferret.data.validate`` reports it.
@@ -410,8 +410,9 @@ def check_record(
         image_size: the real (W, H) of its image when it was read; compared with image_w / image_h.
         region_feature: human regions will be read as ``<region_fea>`` features (DataOptions.add_region_feature),
             which needs an image.
-        decode_masks: decode the RLE masks (else only check them without decoding: sizes and runs); the masks
-            of the result are then None.
+        masks: ``"decode"`` the RLE masks; ``"check"`` them without decoding (sizes and runs); ``"skip"`` them
+            (cheap structure checks only, e.g. for length estimates). The masks of the result are None unless
+            decoded.
 
     Returns:
         CheckedRecord with the turns, boxes, decoded masks and problems. Boxes and masks are only filled when
@@ -539,7 +540,9 @@ def check_record(
                                     "placeholder", t))
 
     # -- masks
-    raw_masks = record.get("masks") if dtype.location_instruction else None
+    if masks not in ("decode", "check", "skip"):
+        raise ValueError(f"masks must be 'decode', 'check' or 'skip', got {masks!r}")
+    raw_masks = record.get("masks") if dtype.location_instruction and masks != "skip" else None
     if raw_masks is not None and box_nesting_ok:
         if not isinstance(raw_masks, list) or len(raw_masks) != n:
             got = f"{len(raw_masks)} entries" if isinstance(raw_masks, list) else type(raw_masks).__name__
@@ -558,7 +561,7 @@ def check_record(
             if rle is not None:
                 try:
                     mask = decode_rle(rle, width if size_known else None, height if size_known else None,
-                                      decode=decode_masks)
+                                      decode=masks == "decode")
                 except ValueError as err:
                     problems.append(Problem("bad_rle", f"mask {k} of turn {t}: {err}", t))
                 if mask is not None:
@@ -782,8 +785,8 @@ class GritDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Estimated token length of every item (image positions + ~1 token per 4 characters of text + ~18 per
-        region), read from the records alone (no image is opened, no mask decoded). A record ``check_record``
-        rejects gets 0: ``dataset[i]`` replaces it anyway. Used for length-grouped batches (``--group_by_length``);
+        region), read from the records alone (no image is opened, no mask read). A record ``check_record``
+        rejects (masks aside) gets 0: ``dataset[i]`` replaces it anyway. Used for length-grouped batches (``--group_by_length``);
         computed once."""
         if getattr(self, "_lengths", None) is None:
             per_file = [[self._estimate_length(f, k) for k in range(len(f))] for f in self.files]
@@ -793,7 +796,7 @@ class GritDataset(torch.utils.data.Dataset):
     def _estimate_length(self, file: _RecordFile, k: int) -> int:
         try:
             record = file.record(k)
-            checked = check_record(record, file.dtype, None, self.options.add_region_feature, decode_masks=False)
+            checked = check_record(record, file.dtype, None, self.options.add_region_feature, masks="skip")
         except (RecordError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             return 0
         if checked.errors:
