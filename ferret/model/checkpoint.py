@@ -643,6 +643,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_all(paths: Sequence[Path]) -> list[str]:
+    """sha256 of several files, a few at a time (hashlib releases the GIL on large reads: ZeRO checkpoints hold
+    one optimizer shard per rank, and a 7B run's shards add up to ~80 GB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) <= 1:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's or a folder's data and metadata to disk (folders: their entries, e.g. after a rename)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
@@ -674,8 +685,10 @@ def write_manifest(folder: str | os.PathLike) -> dict:
     """
     folder = Path(folder)
     fsync_tree(folder)
-    files = {p.as_posix(): {"size": (folder / p).stat().st_size, "sha256": _sha256(folder / p)}
-             for p in _files_under(folder)}
+    relative = _files_under(folder)
+    digests = _sha256_all([folder / p for p in relative])
+    files = {p.as_posix(): {"size": (folder / p).stat().st_size, "sha256": digest}
+             for p, digest in zip(relative, digests)}
     manifest = {"format": 1, "files": files}
     partial = folder / f".{MANIFEST_NAME}.partial"
     with open(partial, "w") as f:
@@ -754,12 +767,17 @@ def folder_problems(folder: str | os.PathLike, checksums: bool = True) -> list[s
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         return [f"{MANIFEST_NAME} is unreadable ({err})"]
     problems = []
+    to_hash = []
     for rel, entry in sorted(files.items()):
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{rel} is {path.stat().st_size} bytes, the manifest says {entry['size']}")
-        elif checksums and _sha256(path) != entry["sha256"]:
-            problems.append(f"{rel} does not match its sha256 in the manifest")
-    return problems
+        elif checksums:
+            to_hash.append((rel, entry["sha256"]))
+    if problems:  # sizes already tell; no need to read everything
+        return problems
+    digests = _sha256_all([folder / rel for rel, _ in to_hash])
+    return [f"{rel} does not match its sha256 in the manifest"
+            for (rel, expected), digest in zip(to_hash, digests) if digest != expected]
