@@ -30,10 +30,16 @@ from ferret.constants import GRID_SIZE, POINT_SPAN, REGION_TOKEN
 
 logger = logging.getLogger(__name__)
 
+# The most pixels a decoded mask (or a region's image) may have unless a caller says otherwise: twice PIL's own
+# decompression-bomb threshold, ~179 MB as a bool mask.
+MAX_MASK_PIXELS = 2 * 89_478_485
+
 __all__ = [
     "Point",
     "Box",
     "FreeForm",
+    "MAX_MASK_PIXELS",
+    "check_rle",
     "Region",
     "GroundedRegion",
     "to_grid",
@@ -112,9 +118,17 @@ class FreeForm:
         return Box(float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1]))
 
     @classmethod
-    def from_polygon(cls, polygon: Sequence[tuple[float, float]], width: int, height: int) -> FreeForm:
-        """Fill a polygon given as (x, y) vertices in pixels (at least 3) on a ``width`` x ``height`` image."""
+    def from_polygon(
+        cls, polygon: Sequence[tuple[float, float]], width: int, height: int, max_pixels: int | None = MAX_MASK_PIXELS
+    ) -> FreeForm:
+        """Fill a polygon given as (x, y) vertices in pixels (at least 3) on a ``width`` x ``height`` image.
+
+        The image may have at most ``max_pixels`` pixels (None: no limit), checked before the canvas is allocated.
+        """
         _check_image_size(width, height)
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(f"polygon canvas {width}x{height} is {width * height} pixels, more than the limit of "
+                             f"{max_pixels}")
         vertices = _check_vertices(polygon, "polygon", minimum=3)
         from PIL import Image, ImageDraw
 
@@ -154,38 +168,22 @@ class FreeForm:
         return cls(mask)
 
     @classmethod
-    def from_rle(cls, rle: dict) -> FreeForm:
-        """Decode a COCO RLE dict ``{"size": [h, w], "counts": str | bytes | list[int]}``."""
+    def from_rle(
+        cls, rle: dict, image_size: tuple[int, int] | None = None, max_pixels: int | None = MAX_MASK_PIXELS
+    ) -> FreeForm:
+        """Decode a COCO RLE dict ``{"size": [h, w], "counts": str | bytes | list[int]}``.
+
+        Everything is checked by ``check_rle`` before anything of the mask's size is allocated: the declared size
+        against ``image_size`` (W, H) when given and against ``max_pixels``, then the runs. Raises ValueError
+        naming what is wrong.
+        """
         from pycocotools import mask as mask_utils
 
-        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-            raise ValueError(f"RLE must be a dict with 'size' [h, w] and 'counts', got {_short(rle)}")
-        size = rle["size"]
-        if (
-            not isinstance(size, (list, tuple))
-            or len(size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
-        ):
-            raise ValueError(f"RLE 'size' must be [h, w] with positive integers, got {size!r}")
-        h, w = int(size[0]), int(size[1])
-        counts = rle["counts"]
-        if isinstance(counts, (str, bytes)):
-            raw = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
-            # pycocotools decodes runs that do not cover the image into uninitialised memory: check them first.
-            runs = _rle_runs(raw)
-            if runs.min() < 0 or int(runs.sum()) != h * w:
-                raise ValueError(
-                    f"RLE runs cover {int(runs.sum())} pixels (smallest run {int(runs.min())}), expected h*w = {h * w}"
-                )
-            encoded = {"size": [h, w], "counts": raw}
-        elif isinstance(counts, (list, tuple)):
-            if any(int(c) < 0 for c in counts):
-                raise ValueError("uncompressed RLE counts have a negative run length")
-            if sum(int(c) for c in counts) != h * w:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
-            encoded = mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+        h, w, counts = check_rle(rle, image_size=image_size, max_pixels=max_pixels)
+        if isinstance(counts, bytes):
+            encoded = {"size": [h, w], "counts": counts}
         else:
-            raise ValueError(f"RLE 'counts' must be str, bytes or a list of ints, got {type(counts).__name__}")
+            encoded = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
         try:
             with warnings.catch_warnings():
                 # pycocotools' own numpy-2 `__array__(copy=...)` deprecation, not something callers can act on
@@ -203,6 +201,67 @@ class FreeForm:
 
         encoded = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
         return {"size": [self.height, self.width], "counts": encoded["counts"].decode("ascii")}
+
+
+def check_rle(
+    rle: object, image_size: tuple[int, int] | None = None, max_pixels: int | None = MAX_MASK_PIXELS
+) -> tuple[int, int, bytes | list[int]]:
+    """Check a COCO RLE dict without decoding it; returns (h, w, counts) ready for pycocotools.
+
+    In this order, each step bounded by what the previous one proved: the dict and its ``size`` [h, w] (positive
+    integers); ``size`` equals the image's ``image_size`` (W, H) when given; h * w <= ``max_pixels`` (None: no
+    limit); the counts string is no longer than the most runs an h x w mask can have; then the runs themselves
+    (non-negative integers covering exactly h * w pixels). Nothing here allocates more than the counts' own size,
+    so a 148-byte RLE declaring a 10^6 x 10^6 mask is refused in microseconds. Raises ValueError naming the
+    problem; counts that are not integers (e.g. ``[3136.5]``) are malformed, never truncated.
+    """
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"RLE must be a dict with 'size' [h, w] and 'counts', got {_short(rle)}")
+    size = rle["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
+        raise ValueError(f"RLE 'size' must be [h, w] with positive integers, got {_short(size)}")
+    h, w = int(size[0]), int(size[1])
+    if image_size is not None:
+        image_w, image_h = image_size
+        if (h, w) != (image_h, image_w):
+            raise ValueError(f"RLE size [h, w] = [{h}, {w}] differs from the image's [{image_h}, {image_w}]")
+    if max_pixels is not None and h * w > max_pixels:
+        raise ValueError(f"RLE size [h, w] = [{h}, {w}] is {h * w} pixels, more than the limit of {max_pixels}")
+    counts = rle["counts"]
+    # An h x w mask has at most h * w + 1 runs; a compressed run takes at most 7 characters.
+    most_runs = h * w + 1
+    if isinstance(counts, (str, bytes)):
+        if isinstance(counts, str):
+            if not counts.isascii():
+                raise ValueError("the RLE counts string has non-ASCII characters")
+            counts = counts.encode("ascii")
+        if len(counts) > 7 * most_runs:
+            raise ValueError(f"the RLE counts string has {len(counts)} characters, more than an [{h}, {w}] mask "
+                             "can need")
+        # pycocotools decodes runs that do not cover the image into uninitialised memory: check them first.
+        runs = _rle_runs(counts)
+        if runs.min() < 0 or int(runs.sum()) != h * w:
+            raise ValueError(
+                f"RLE runs cover {int(runs.sum())} pixels (smallest run {int(runs.min())}), expected h*w = {h * w}"
+            )
+        return h, w, counts
+    if isinstance(counts, (list, tuple)):
+        if len(counts) > most_runs:
+            raise ValueError(f"uncompressed RLE counts have {len(counts)} runs, more than an [{h}, {w}] mask can have")
+        for i, c in enumerate(counts):
+            if not _is_count(c):
+                raise ValueError(f"uncompressed RLE counts must be integers, run {i} is {_short(c)}")
+            if c < 0:
+                raise ValueError(f"uncompressed RLE counts have a negative run length ({c} at run {i})")
+        total = sum(int(c) for c in counts)
+        if total != h * w:
+            raise ValueError(f"uncompressed RLE counts sum to {total}, expected h*w = {h * w}")
+        return h, w, [int(c) for c in counts]
+    raise ValueError(f"RLE 'counts' must be str, bytes or a list of ints, got {type(counts).__name__}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _rle_runs(counts: bytes) -> np.ndarray:

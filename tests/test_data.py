@@ -483,3 +483,155 @@ def test_length_estimates_follow_the_records(tmp_path, processor):
     order = np.argsort(lengths)
     assert np.corrcoef(lengths, actual)[0, 1] > 0.8
     assert actual[order[-1]] > actual[order[0]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile records: each is one named bad record for the validator AND the loader, never a dead process
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def bomb_rle() -> dict:
+    """An RLE declaring a 10^6 x 10^6 mask in a 141-byte counts string whose runs cover all 10^12 pixels (decoding
+    it mallocs 10^12 bytes)."""
+    from test_regions_decode import bomb
+
+    return bomb()
+
+
+def loader_verdicts(dataset) -> dict[int, str]:
+    """What GritDataset decides about each record: {record index: reason} for those it rejects."""
+    from ferret.data.grit import RecordError
+
+    verdicts = {}
+    for i in range(len(dataset)):
+        try:
+            dataset.encode(dataset.example(i))
+        except RecordError as err:
+            verdicts[dataset.source(i)[1]] = err.reason
+    return verdicts
+
+
+def test_no_image_record_with_a_referred_region_fails_validation_as_in_the_loader(tmp_path, processor):
+    no_image = record("What is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)], image=None)
+    gpt_only = record("Where is the dog?", "a dog <bbox_location0>", gpt_boxes=[(10, 5, 39, 34)], image=None)
+    path = write_json(tmp_path / "vg_object.json", [no_image, gpt_only])
+    report = V.validate([path])
+    assert {(f.index, f.reason) for f in report.findings if f.severity == "error"} == {(0, "region_without_image")}
+    dataset = GritDataset([path], [str(tmp_path)], processor, DataOptions(seed=0))
+    assert loader_verdicts(dataset) == {0: "region_without_image"}
+    # Without region features the region is only coordinates: both accept it.
+    assert not V.validate([path], region_feature=False).has_errors
+    assert V.main([path, "--no-region-feature"]) == 0
+    coords = GritDataset([path], [str(tmp_path)], processor, DataOptions(add_region_feature=False))
+    assert loader_verdicts(coords) == {}
+
+
+def test_deeply_nested_json_is_one_named_bad_record(tmp_path, processor, capsys):
+    write_image(tmp_path)
+    good = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)])
+    text = json.dumps(good)
+    field = text[:-1] + ', "extra": ' + deep(100_000) + "}"
+    # a .json list whose record 1 holds a 100,000-level field, and a .json file that is one deep list
+    listed = tmp_path / "vg_object_list.json"
+    listed.write_text("[" + text + ", " + field + ", " + text + "]")
+    whole = tmp_path / "vg_object_whole.json"
+    whole.write_text(deep(100_000))
+    lines = tmp_path / "vg_object.jsonl"
+    lines.write_text(text + "\n" + deep(100_000) + "\n" + field + "\n" + text + "\n")
+
+    code = V.main([str(listed), str(whole), str(lines)])
+    out = capsys.readouterr().out
+    assert code == 1 and "Traceback" not in out and "RecursionError" not in out
+    report = V.validate([str(listed), str(whole), str(lines)])
+    errors = {(f.file, f.index, f.reason) for f in report.findings}
+    assert errors == {(str(listed), 1, "too_deep"), (str(whole), 0, "too_deep"), (str(lines), 1, "too_deep"),
+                      (str(lines), 2, "too_deep")}
+    assert f"{listed}:1 error [too_deep] the JSON is nested deeper than" in out
+
+    for path, bad in ((listed, {1}), (lines, {1, 2})):
+        dataset = GritDataset([str(path)], [str(tmp_path)], processor, DataOptions(seed=0))
+        assert set(loader_verdicts(dataset)) == bad
+        assert set(loader_verdicts(dataset).values()) == {"too_deep"}
+        for i in range(len(dataset)):
+            assert dataset[i]["input_ids"].numel() > 0
+        assert len(dataset.lengths) == len(dataset)
+    with pytest.raises(ValueError, match="line 2: the JSON is nested deeper"):
+        load_records(str(lines))
+    obj = tmp_path / "vg_object_obj.json"
+    obj.write_text('{"a": ' + deep(100_000) + "}")
+    assert [(f.index, f.reason) for f in V.validate([str(obj)]).findings] == [(None, "bad_json")]
+    with pytest.raises(ValueError, match="not a JSON list"):
+        GritDataset([str(obj)], [str(tmp_path)], processor, DataOptions())
+
+
+def test_length_estimates_skip_what_the_loader_skips(tmp_path, processor):
+    write_image(tmp_path)
+    good = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)])
+    malformed = [
+        {**good, "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]},
+        {**good, "conversations": 7},
+        {**good, "box_x1y1x2y2": 3},
+        {**good, "box_x1y1x2y2": [3, [1]]},
+        {**good, "conversations": [7, 8]},
+        [1, 2],
+        "text",
+    ]
+    path = tmp_path / "vg_object.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, *malformed]) + "\n{broken\n")
+    dataset = GritDataset([str(path)], [str(tmp_path)], processor, DataOptions(seed=0))
+    lengths = [dataset.lengths[dataset.order[:, 1].tolist().index(k)] for k in range(len(dataset))]
+    assert lengths[0] == processor.num_image_tokens + (len(good["conversations"][0]["value"]) + 5) // 4 + 18
+    assert lengths[1:] == [0] * 8
+    assert set(loader_verdicts(dataset)) == set(range(1, 9))
+
+
+def test_rle_bomb_and_huge_declared_image_are_named_bad_records_in_milliseconds(tmp_path, processor):
+    import time
+
+    write_image(tmp_path)
+    with_bomb = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)])
+    with_bomb["masks"] = [[bomb_rle()], []]
+    # no image, a box in the answer: the declared size alone sets the frame
+    huge = record("Where is the dog?", "a dog <bbox_location0>", gpt_boxes=[(10, 5, 39, 34)], image=None,
+                  image_w=1_000_000, image_h=1_000_000)
+    bomb_no_image = {**huge, "image_w": 100, "image_h": 100, "masks": [[], [bomb_rle()]]}
+    fraction = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)])
+    fraction["masks"] = [[{"size": [H, W], "counts": [3136.5, W * H - 3136.5]}], []]
+    good = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)],
+                  human_masks=[blob(12, 8, 30, 30)])
+    path = write_json(tmp_path / "vg_object.json", [with_bomb, huge, bomb_no_image, fraction, good])
+
+    start = time.perf_counter()
+    report = V.validate([path])
+    elapsed = time.perf_counter() - start
+    found = {(f.index, f.reason) for f in report.findings if f.severity == "error"}
+    assert found == {(0, "bad_rle"), (1, "image_too_large"), (2, "bad_rle"), (3, "bad_rle")}
+    messages = {f.index: f.message for f in report.findings if f.reason in ("bad_rle", "image_too_large")}
+    assert "differs from the image's [60, 80]" in messages[0]
+    assert "1000000x1000000 is 1000000000000 pixels" in messages[1]
+    assert "differs from the image's [100, 100]" in messages[2]
+    assert "must be integers, run 0 is 3136.5" in messages[3]
+    assert elapsed < 1.0  # a guard: nothing the declared size is allocated
+
+    dataset = GritDataset([path], [str(tmp_path)], processor, DataOptions(seed=0))
+    start = time.perf_counter()
+    verdicts = loader_verdicts(dataset)
+    assert verdicts == {0: "bad_rle", 1: "image_too_large", 2: "bad_rle", 3: "bad_rle"}
+    assert time.perf_counter() - start < 2.0
+
+
+def test_skips_are_counted_per_distinct_record(tmp_path, processor):
+    write_image(tmp_path)
+    good = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[(10, 5, 39, 34)])
+    bad = {**good, "image": "missing.png"}
+    path = write_json(tmp_path / "vg_object.json", [good, bad, bad, good])
+    dataset = GritDataset([path], [str(tmp_path)], processor, DataOptions(seed=0), data_multiple=[3])
+    for _ in range(2):
+        for i in range(len(dataset)):
+            dataset[i]
+    # each bad record is tried many times (3 copies, replaced by the next item, 2 passes), named once
+    assert dataset.bad_records > 2
+    assert dataset.bad_seen == {(path, 1): "missing_image", (path, 2): "missing_image"}

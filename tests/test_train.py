@@ -190,7 +190,9 @@ def _fake_checkpoint(path: Path, state=True, weights=True):
     if state:
         (path / "trainer_state.json").write_text("{}")
     if weights:
-        (path / "model.safetensors").write_bytes(b"x")
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path, caplog):

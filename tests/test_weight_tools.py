@@ -393,3 +393,27 @@ def test_rebuilt_model_loads_with_the_core_loader_and_generates(tmp_path, model,
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     expected = model.generate(**processor.model_inputs(batch, model), **kwargs)
     assert torch.equal(rebuilt.generate(**rebuilt_processor.model_inputs(batch, rebuilt), **kwargs), expected)
+
+
+def test_leftovers_of_killed_runs_are_named_with_what_to_do(tmp_path, models, caplog):
+    """A run killed inside atomic_output_dir leaves `.NAME.partial-*` (unfinished output) and, when it was
+    replacing a target, `.NAME.old-*` (the previous target); the next run names each and says what to do."""
+    base = write_checkpoint(tmp_path / "base", models["base"])
+    delta = write_checkpoint(tmp_path / "delta", models["delta"])
+    partial = tmp_path / ".target.partial-4242-0123abcd"
+    old = tmp_path / ".target.old-89abcdef"
+    for folder in (partial, old):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"torn")
+    with caplog.at_level("WARNING"):
+        apply_delta(base, tmp_path / "target", delta)
+    assert f"{partial} is the unfinished output of an earlier killed run; safe to delete" in caplog.text
+    # when the run was killed between moving the old target aside and renaming the new one in, the old one is
+    # the only copy: the message says how to restore it
+    assert f"{old} is the previous {tmp_path / 'target'}, moved aside by a run killed while replacing it: " \
+           f"`mv {old} {tmp_path / 'target'}` restores it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        apply_delta(base, tmp_path / "target", delta, overwrite=True)
+    assert f"{old} is a previous {tmp_path / 'target'} kept aside by an earlier killed run" in caplog.text
+    assert_state_equal(read_all(tmp_path / "target"), models["target"])

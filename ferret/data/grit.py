@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,7 +42,7 @@ from PIL import Image
 
 from ferret.constants import IMAGE_TOKEN, POINT_SPAN, REGION_TOKEN
 from ferret.processing import PLACEHOLDER, ROLE_OF, FerretProcessor
-from ferret.regions import Box, FreeForm, Point, Region, clamp_box
+from ferret.regions import MAX_MASK_PIXELS, Box, FreeForm, Point, Region, check_rle, clamp_box
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ CENTER_JITTER = 0.15
 REASONS: dict[str, str] = {
     "missing_file": "the data file does not exist",
     "bad_json": "the record (or file) is not valid JSON",
+    "too_deep": "the record (or file) is JSON nested deeper than the reader allows",
     "not_a_list": "the file's top level is not a list of records",
     "not_a_record": "the record is not a JSON object",
     "unknown_dataset_type": "the file's dataset type could not be inferred from its name",
@@ -63,6 +66,7 @@ REASONS: dict[str, str] = {
     "missing_image": "the image file does not exist",
     "unreadable_image": "the image file cannot be decoded",
     "missing_image_size": "image_w / image_h missing or not positive integers",
+    "image_too_large": "image_w x image_h is more pixels than a region mask may have",
     "image_size_mismatch": "the image's real size differs from image_w x image_h",
     "bad_conversations": "'conversations' is not a non-empty list of {from, value} turns",
     "turn_order": "turns do not alternate human/gpt starting with human",
@@ -74,6 +78,7 @@ REASONS: dict[str, str] = {
     "degenerate_box": "a box has x2 < x1 or y2 < y1",
     "box_outside_image": "a box does not overlap the image",
     "placeholder_out_of_range": "a <bbox_location{k}> refers to a box the turn does not have",
+    "region_without_image": "a human turn refers to a region (read as <region_fea> features) but there is no image",
     "mask_nesting": "masks does not have the nesting of box_x1y1x2y2",
     "bad_rle": "a mask is not a decodable COCO RLE of the image's size",
     "empty_region": "a mask is empty or does not overlap its box",
@@ -203,30 +208,108 @@ def is_jsonl(path: str) -> bool:
     return os.fspath(path).endswith((".jsonl", ".ndjson"))
 
 
-def load_records(path: str) -> list[Any]:
-    """Records of a data file: a JSON list, or JSON lines (``.jsonl``; blank lines skipped).
+def parse_record(blob: bytes | str) -> Any:
+    """One record's JSON text -> the record. RecordError ``bad_json``, or ``too_deep`` for nesting deeper than
+    Python's JSON reader allows (it raises RecursionError, which must never reach the caller)."""
+    try:
+        return json.loads(blob)
+    except RecursionError:
+        pass  # raised below, outside the handler, so no RecursionError traceback is chained to it
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError("bad_json", f"not valid JSON: {err}") from None
+    raise RecordError("too_deep", "the JSON is nested deeper than Python's JSON reader allows "
+                      f"(about {sys.getrecursionlimit()} levels)")
 
-    Raises ValueError naming the file (and line) when it is not valid JSON or its top level is not a list.
+
+# A JSON string (escapes included) or one structural character; used to split a top-level array without parsing.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def split_json_array(data: bytes) -> list[bytes]:
+    """The elements of a top-level JSON array as raw bytes, found by scanning brackets and strings only.
+
+    Used when the whole file cannot be parsed at once (an element nested too deeply for the JSON reader): each
+    element is then parsed on its own, so one bad element is one bad record. ValueError when ``data`` is not an
+    array with balanced brackets.
+    """
+    start = len(data) - len(data.lstrip())
+    if data[start:start + 1] != b"[":
+        raise ValueError("the top level is not a JSON list")
+    elements: list[bytes] = []
+    depth = 0
+    element_start = start + 1
+    for match in _JSON_TOKEN.finditer(data, start):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                last = data[element_start:match.start()].strip()
+                if last or elements:
+                    elements.append(last)
+                if data[match.end():].strip():
+                    raise ValueError("text follows the top-level list")
+                return elements
+        elif token == b"," and depth == 1:
+            elements.append(data[element_start:match.start()].strip())
+            element_start = match.end()
+    raise ValueError("the top-level list is not closed")
+
+
+def read_record_blobs(path: str) -> list[bytes]:
+    """The records of a data file as JSON texts (one per record), for ``parse_record``: the lines of a ``.jsonl``
+    file (blank lines skipped), the elements of a JSON list file.
+
+    A JSON list is parsed once to check it (and re-serialised per record); when it holds something nested too
+    deeply for that, its elements are split out without parsing, so only the deep ones fail (in
+    ``parse_record``). Raises RecordError (``bad_json``, ``not_a_list``) naming the file when it is not valid
+    JSON or not a list.
     """
     path = os.fspath(path)
     if is_jsonl(path):
-        records = []
+        with open(path, "rb") as f:
+            return [b for b in (line.strip() for line in f) if b]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        records = json.loads(data)
+        if isinstance(records, list):
+            return [json.dumps(r, separators=(",", ":")).encode("utf-8") for r in records]
+    except RecursionError:
+        try:
+            return split_json_array(data)
+        except ValueError as err:
+            raise RecordError("bad_json", f"{path}: nested too deeply to parse, and {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError("bad_json", f"{path}: not valid JSON ({err})") from None
+    raise RecordError("not_a_list", f"{path}: the top level is a {type(records).__name__}, expected a JSON list "
+                      "of records")
+
+
+def load_records(path: str) -> list[Any]:
+    """Records of a data file: a JSON list, or JSON lines (``.jsonl``; blank lines skipped).
+
+    Raises ValueError naming the file (and line or record) when something is not valid JSON or the top level is
+    not a list.
+    """
+    path = os.fspath(path)
+    records = []
+    if is_jsonl(path):
         with open(path, "rb") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
+                        records.append(parse_record(line))
+                    except RecordError as err:
+                        raise RecordError(err.reason, f"{path} line {number}: {err}") from None
         return records
-    with open(path, "rb") as f:
+    for index, blob in enumerate(read_record_blobs(path)):
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: the top level is a {type(data).__name__}, expected a JSON list of records")
-    return data
+            records.append(parse_record(blob))
+        except RecordError as err:
+            raise RecordError(err.reason, f"{path} record {index}: {err}") from None
+    return records
 
 
 def image_path(image_folder: str, image: str) -> str:
@@ -287,19 +370,19 @@ class CheckedRecord:
             raise RecordError(errors[0].reason, where + "; ".join(f"[{p.reason}] {p.message}" for p in errors))
 
 
-def decode_rle(rle: Any, width: int | None, height: int | None) -> np.ndarray:
-    """A COCO RLE dict -> bool mask [H, W]; ValueError when it is malformed or not ``height`` x ``width``."""
+def decode_rle(rle: Any, width: int | None, height: int | None, decode: bool = True) -> np.ndarray | None:
+    """A COCO RLE dict -> bool mask [H, W]; ValueError when it is malformed or not ``height`` x ``width``.
+
+    Its size is compared with the image's (when known) and with MAX_MASK_PIXELS, and its runs are checked,
+    before anything is decoded (``regions.check_rle``). ``decode=False`` only checks (returns None).
+    """
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError(f"expected an RLE dict with 'size' and 'counts', got {type(rle).__name__}")
-    size, counts = rle["size"], rle["counts"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise ValueError(f"RLE size must be [h, w] positive integers, got {size!r}")
-    if width is not None and height is not None and list(size) != [height, width]:
-        raise ValueError(f"RLE size {list(size)} differs from the image's [h, w] = [{height}, {width}]")
-    try:
-        return FreeForm.from_rle({"size": list(size), "counts": counts}).mask
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"RLE cannot be decoded: {err}") from err
+    image_size = (width, height) if width is not None and height is not None else None
+    if not decode:
+        check_rle(rle, image_size=image_size, max_pixels=MAX_MASK_PIXELS)
+        return None
+    return FreeForm.from_rle(rle, image_size=image_size, max_pixels=MAX_MASK_PIXELS).mask
 
 
 def _is_number(v: Any) -> bool:
@@ -315,14 +398,21 @@ def _declared_size(record: dict) -> tuple[int, int] | None:
 
 
 def check_record(
-    record: Any, dataset_type: DatasetType | str, image_size: tuple[int, int] | None = None
+    record: Any, dataset_type: DatasetType | str, image_size: tuple[int, int] | None = None,
+    region_feature: bool = True, masks: str = "decode",
 ) -> CheckedRecord:
-    """Reads a GRIT record and lists every problem with it (see REASONS).
+    """Reads a GRIT record and lists every problem with it (see REASONS). The one place that decides whether a
+    record is usable: ``GritDataset`` skips what it rejects, ``ferret.data.validate`` reports it.
 
     Args:
         record: the parsed JSON record.
         dataset_type: its type (records without ``location_instruction`` have no boxes).
         image_size: the real (W, H) of its image when it was read; compared with image_w / image_h.
+        region_feature: human regions will be read as ``<region_fea>`` features (DataOptions.add_region_feature),
+            which needs an image.
+        masks: ``"decode"`` the RLE masks; ``"check"`` them without decoding (sizes and runs); ``"skip"`` them
+            (cheap structure checks only, e.g. for length estimates). The masks of the result are None unless
+            decoded.
 
     Returns:
         CheckedRecord with the turns, boxes, decoded masks and problems. Boxes and masks are only filled when
@@ -344,10 +434,16 @@ def check_record(
     if declared is None and (dtype.location_instruction or size_given):
         problems.append(Problem("missing_image_size", "image_w and image_h must be positive integers, got "
                                 f"{record.get('image_w')!r} x {record.get('image_h')!r}"))
+    if declared is not None and declared[0] * declared[1] > MAX_MASK_PIXELS:
+        # Region masks are built at the image's size: refuse before anything that size is allocated.
+        problems.append(Problem("image_too_large", f"image_w x image_h = {declared[0]}x{declared[1]} is "
+                                f"{declared[0] * declared[1]} pixels, more than the limit of {MAX_MASK_PIXELS}"))
+        declared = None
     if image_size is not None and declared is not None and tuple(image_size) != declared:
         problems.append(Problem("image_size_mismatch", f"the image is {image_size[0]}x{image_size[1]} but the record "
                                 f"says image_w x image_h = {declared[0]}x{declared[1]}"))
     width, height = declared or (tuple(image_size) if image_size is not None else (None, None))
+    size_known = width is not None and not any(p.reason == "image_too_large" for p in problems)
 
     # -- conversations
     turns = record.get("conversations")
@@ -413,7 +509,7 @@ def check_record(
             if x2 < x1 or y2 < y1:
                 problems.append(Problem("degenerate_box", f"box {k} of turn {t} {list(raw)} has x2 < x1 or y2 < y1", t))
                 ok = False
-            elif width is not None:
+            elif size_known:
                 if x2 < 0 or y2 < 0 or x1 > width - 1 or y1 > height - 1:
                     problems.append(Problem("box_outside_image", f"box {k} of turn {t} {list(raw)} lies outside the "
                                             f"{width}x{height} image", t))
@@ -429,6 +525,9 @@ def check_record(
         used = set()
         for match in PLACEHOLDER.finditer(text):
             k = int(match.group(1))
+            if t % 2 == 0 and region_feature and not has_image and k < len(out.boxes[t]) and k not in used:
+                problems.append(Problem("region_without_image", f"turn {t}: {match.group(0)} is read as "
+                                        f"{REGION_TOKEN} features of the image, but the record has no image", t))
             used.add(k)
             if k >= len(out.boxes[t]):
                 have = f"{len(out.boxes[t])} box(es)" if dtype.location_instruction else \
@@ -441,7 +540,9 @@ def check_record(
                                     "placeholder", t))
 
     # -- masks
-    raw_masks = record.get("masks") if dtype.location_instruction else None
+    if masks not in ("decode", "check", "skip"):
+        raise ValueError(f"masks must be 'decode', 'check' or 'skip', got {masks!r}")
+    raw_masks = record.get("masks") if dtype.location_instruction and masks != "skip" else None
     if raw_masks is not None and box_nesting_ok:
         if not isinstance(raw_masks, list) or len(raw_masks) != n:
             got = f"{len(raw_masks)} entries" if isinstance(raw_masks, list) else type(raw_masks).__name__
@@ -459,14 +560,15 @@ def check_record(
             mask = None
             if rle is not None:
                 try:
-                    mask = decode_rle(rle, width, height)
+                    mask = decode_rle(rle, width if size_known else None, height if size_known else None,
+                                      decode=masks == "decode")
                 except ValueError as err:
                     problems.append(Problem("bad_rle", f"mask {k} of turn {t}: {err}", t))
                 if mask is not None:
                     if not mask.any():
                         problems.append(Problem("empty_region", f"mask {k} of turn {t} is empty", t))
                         mask = None
-                    elif usable[t][k] and width is not None:
+                    elif usable[t][k] and size_known:
                         c = clamp_box(box, width, height)
                         if not mask[int(c.y1): int(c.y2) + 1, int(c.x1): int(c.x2) + 1].any():
                             problems.append(Problem("empty_region", f"mask {k} of turn {t} does not overlap its box "
@@ -586,13 +688,8 @@ class _RecordFile:
 
     def __init__(self, path: str, image_folder: str, dtype: DatasetType):
         self.path, self.image_folder, self.dtype = path, image_folder, dtype
-        if is_jsonl(path):
-            # Lines stay unparsed until used: a corrupt line is one bad record, not a dead run.
-            with open(path, "rb") as f:
-                blobs = [line.strip() for line in f]
-            blobs = [b for b in blobs if b]
-        else:
-            blobs = [json.dumps(r, separators=(",", ":")).encode("utf-8") for r in load_records(path)]
+        # Records stay unparsed until used: a corrupt or too deeply nested one is one bad record, not a dead run.
+        blobs = read_record_blobs(path)
         self.offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in blobs], out=self.offsets[1:])
         self.data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
@@ -601,10 +698,7 @@ class _RecordFile:
         return len(self.offsets) - 1
 
     def record(self, k: int) -> Any:
-        try:
-            return json.loads(self.data[self.offsets[k]: self.offsets[k + 1]].tobytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError("bad_json", f"not valid JSON: {err}") from err
+        return parse_record(self.data[self.offsets[k]: self.offsets[k + 1]].tobytes())
 
 
 @dataclass
@@ -644,8 +738,10 @@ class GritDataset(torch.utils.data.Dataset):
         dataset_types: per file, an explicit type from DATASET_TYPES (None/""/"auto" = infer from the file name).
 
     ``dataset[i]`` is ``{input_ids [L], labels [L], images [3, S, S] | None, region_masks [bool [H, W]...],
-    image_size (W, H)}``. A bad record is logged, counted in ``bad_records`` / ``bad_by_reason`` (this process
-    only: DataLoader workers count their own) and replaced by the next good item (i+1, i+2, ...).
+    image_size (W, H)}``. A bad record is logged, counted in ``bad_records`` / ``bad_by_reason`` (skip events
+    of this process only: DataLoader workers count their own), named in ``bad_seen`` ((file, record index) ->
+    reason, each record once) and in ``last_skipped`` (the records the latest ``dataset[i]`` skipped), and
+    replaced by the next good item (i+1, i+2, ...).
     """
 
     def __init__(
@@ -677,6 +773,8 @@ class GritDataset(torch.utils.data.Dataset):
         self.bad_records = 0
         self.tried = 0
         self.bad_by_reason: dict[str, int] = {}
+        self.bad_seen: dict[tuple[str, int], str] = {}
+        self.last_skipped: list[tuple[str, int, str]] = []
         for f in self.files:
             logger.info("%s: %d records, type %s, images in %s", f.path, len(f), f.dtype.name, f.image_folder)
         logger.info("mixed %d items from %d file(s) (seed %d)", len(self.order), n, options.seed)
@@ -687,22 +785,26 @@ class GritDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Estimated token length of every item (image positions + ~1 token per 4 characters of text + ~18 per
-        region), read from the records alone (no image is opened). Used for length-grouped batches
-        (``--group_by_length``); computed once."""
+        region), read from the records alone (no image is opened, no mask read). A record ``check_record``
+        rejects (masks aside) gets 0: ``dataset[i]`` replaces it anyway. Used for length-grouped batches (``--group_by_length``);
+        computed once."""
         if getattr(self, "_lengths", None) is None:
-            per_file = []
-            for f in self.files:
-                estimates = []
-                for k in range(len(f)):
-                    record = f.record(k)
-                    turns = record.get("conversations") or [] if isinstance(record, dict) else []
-                    chars = sum(len(t.get("value") or "") for t in turns if isinstance(t, dict))
-                    boxes = sum(len(b or ()) for b in (record.get("box_x1y1x2y2") or [])) if isinstance(record, dict) else 0
-                    image = self.processor.num_image_tokens if isinstance(record, dict) and record.get("image") else 0
-                    estimates.append(image + chars // 4 + 18 * boxes)
-                per_file.append(estimates)
+            per_file = [[self._estimate_length(f, k) for k in range(len(f))] for f in self.files]
             self._lengths = [per_file[int(d)][int(k)] for d, k in self.order]
         return self._lengths
+
+    def _estimate_length(self, file: _RecordFile, k: int) -> int:
+        try:
+            record = file.record(k)
+            checked = check_record(record, file.dtype, None, self.options.add_region_feature, masks="skip")
+        except (RecordError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+            return 0
+        if checked.errors:
+            return 0
+        chars = sum(len(turn["value"]) for turn in checked.turns)
+        boxes = sum(len(b) for b in checked.boxes)
+        image = self.processor.num_image_tokens if record.get("image") is not None else 0
+        return image + chars // 4 + 18 * boxes
 
     def set_epoch(self, epoch: int) -> None:
         """Re-draw the point/box choices and sampled points (they are seeded by (seed, epoch, item))."""
@@ -724,12 +826,13 @@ class GritDataset(torch.utils.data.Dataset):
             image = None
             if isinstance(record, dict) and isinstance(record.get("image"), str) and record["image"]:
                 image = read_image(image_path(file.image_folder, record["image"]))
-            checked = check_record(record, file.dtype, image.size if image is not None else None)
+            checked = check_record(record, file.dtype, image.size if image is not None else None,
+                                   self.options.add_region_feature)
             checked.raise_if_bad()
             regions, within = self._regions(checked, image.size if image is not None else _declared_size(record), i)
         except RecordError as err:
             raise RecordError(err.reason, where + str(err)) from err
-        except (TypeError, KeyError, IndexError, AttributeError) as err:
+        except (TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:
             raise RecordError("malformed_record", f"{where}{type(err).__name__}: {err}") from err
         return Example(where, record, image, checked.turns, regions, within)
 
@@ -783,6 +886,7 @@ class GritDataset(torch.utils.data.Dataset):
             raise IndexError(f"item {i} out of range for a dataset of {n}")
         i %= n
         last: RecordError | None = None
+        self.last_skipped = []
         for step in range(self.options.max_consecutive_bad + 1):
             j = (i + step) % n
             self.tried += 1
@@ -799,6 +903,9 @@ class GritDataset(torch.utils.data.Dataset):
     def _count_bad(self, j: int, err: RecordError) -> None:
         self.bad_records += 1
         self.bad_by_reason[err.reason] = self.bad_by_reason.get(err.reason, 0) + 1
+        path, k = self.source(j)
+        self.bad_seen.setdefault((path, k), err.reason)
+        self.last_skipped.append((path, k, err.reason))
         logger.warning("skipping item %d [%s]: %s (%d bad record(s) so far in this process)",
                        j, err.reason, err, self.bad_records)
         limit = self.options.max_bad_fraction
@@ -826,7 +933,8 @@ class FerretCollator:
 
 __all__ = [
     "DataOptions", "DatasetType", "DATASET_TYPES", "POINT_INPUT_SAMPLES", "REASONS", "WARNING_REASONS",
-    "infer_dataset_type", "resolve_dataset_type", "load_records", "is_jsonl", "read_image", "image_path", "RecordError",
+    "infer_dataset_type", "resolve_dataset_type", "load_records", "read_record_blobs", "parse_record",
+    "split_json_array", "is_jsonl", "read_image", "image_path", "RecordError",
     "Problem", "CheckedRecord", "check_record", "decode_rle", "sample_point", "jittered_center",
     "mix_indices", "mix", "Example", "GritDataset", "FerretCollator",
 ]

@@ -1,6 +1,6 @@
 """Check GRIT-format data files before training: every record, every problem, and a summary.
 
-    python -m ferret.data.validate FILE... [--image-folder DIR ...] [--dataset-type T ...] [--json]
+    python -m ferret.data.validate FILE... [--image-folder DIR ...] [--dataset-type T ...] [--no-region-feature] [--json]
     ferret data validate ...              (the same, through the `ferret` command)
 
 Each record goes through ``ferret.data.grit.check_record`` — the function ``GritDataset`` uses to decide that a
@@ -29,10 +29,11 @@ from ferret.data.grit import (
     DATASET_TYPES,
     Problem,
     RecordError,
-    is_jsonl,
     check_record,
     image_path,
+    parse_record,
     read_image,
+    read_record_blobs,
     resolve_dataset_type,
 )
 
@@ -95,33 +96,30 @@ class Report:
 
 
 def _read_file(path: str) -> tuple[list[tuple[Any, Problem | None]], Problem | None]:
-    """The records of a file as (record, parse problem) pairs, or a file-level problem."""
+    """The records of a file as (record, parse problem) pairs, or a file-level problem. Reads them exactly as
+    ``GritDataset`` does (``grit.read_record_blobs`` + ``grit.parse_record``)."""
     if not os.path.isfile(path):
         return [], Problem("missing_file", f"data file {path} does not exist")
-    if is_jsonl(path):
-        out = []
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((json.loads(line), None))
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    out.append((None, Problem("bad_json", f"line {number} is not valid JSON: {err}")))
-        return out, None
     try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return [], Problem("bad_json", f"the file is not valid JSON: {err}")
-    if not isinstance(data, list):
-        return [], Problem("not_a_list", f"the top level is a {type(data).__name__}, expected a JSON list of records")
-    return [(record, None) for record in data], None
+        blobs = read_record_blobs(path)
+    except RecordError as err:
+        return [], Problem(err.reason, str(err))
+    out: list[tuple[Any, Problem | None]] = []
+    for blob in blobs:
+        try:
+            out.append((parse_record(blob), None))
+        except RecordError as err:
+            out.append((None, Problem(err.reason, str(err))))
+    return out, None
 
 
 def validate_file(path: str, image_folder: str | None = None, dataset_type: str | None = None,
-                  report: Report | None = None, image_cache: dict | None = None) -> Report:
-    """Check every record of one data file; findings and counts are added to ``report`` (a new one by default)."""
+                  report: Report | None = None, image_cache: dict | None = None,
+                  region_feature: bool = True) -> Report:
+    """Check every record of one data file; findings and counts are added to ``report`` (a new one by default).
+
+    ``region_feature``: human regions are read as ``<region_fea>`` features (training's --add_region_feature).
+    """
     report = report if report is not None else Report()
     image_cache = image_cache if image_cache is not None else {}
     path = os.fspath(path)
@@ -149,8 +147,8 @@ def validate_file(path: str, image_folder: str | None = None, dataset_type: str 
             if isinstance(record, dict) and isinstance(record.get("image"), str) and record["image"]:
                 image_size = _image_size(image_path(folder, record["image"]), image_cache, problems)
             try:
-                problems.extend(check_record(record, dtype, image_size).problems)
-            except (TypeError, KeyError, IndexError, AttributeError) as err:
+                problems.extend(check_record(record, dtype, image_size, region_feature).problems)
+            except (TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:
                 problems.append(Problem("malformed_record", f"{type(err).__name__}: {err}"))
         record_id = record.get("id") if isinstance(record, dict) else None
         report.records += 1
@@ -180,14 +178,14 @@ def _image_size(path: str, cache: dict, problems: list[Problem]) -> tuple[int, i
 
 
 def validate(paths: Sequence[str], image_folders: Sequence[str] | None = None,
-             dataset_types: Sequence[str] | None = None) -> Report:
+             dataset_types: Sequence[str] | None = None, region_feature: bool = True) -> Report:
     """Check several files (image folders and types: one per file, one for all, or None)."""
     folders = _per_file(image_folders, len(paths), "--image-folder")
     types = _per_file(dataset_types, len(paths), "--dataset-type")
     report = Report()
     cache: dict = {}
     for path, folder, dtype in zip(paths, folders, types):
-        validate_file(path, folder, dtype, report, cache)
+        validate_file(path, folder, dtype, report, cache, region_feature)
     return report
 
 
@@ -213,10 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "default: the file's folder)")
     parser.add_argument("--dataset-type", action="append", default=None, choices=list(DATASET_TYPES) + ["auto"],
                         help="dataset type (once per file, or once for all; default: from the file name)")
+    parser.add_argument("--no-region-feature", action="store_true",
+                        help="check for training with --add_region_feature False (regions as coordinates only; "
+                        "a record without an image may then refer to regions)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (summary and findings)")
     args = parser.parse_args(argv)
     try:
-        report = validate(args.files, args.image_folder, args.dataset_type)
+        report = validate(args.files, args.image_folder, args.dataset_type, not args.no_region_feature)
     except ValueError as err:
         parser.error(str(err))
     if args.json:

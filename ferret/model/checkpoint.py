@@ -470,10 +470,30 @@ def check_output_path(target: str | os.PathLike, *, overwrite: bool, inputs: Ite
             raise FileExistsError(f"the output {target} is also an input; choose another output path")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    leftovers = sorted(target.parent.glob(f".{target.name}.partial-*")) if target.parent.is_dir() else []
-    if leftovers:
-        logger.warning("found leftovers of an earlier killed run, safe to delete: %s", ", ".join(map(str, leftovers)))
+    for message in leftover_messages(target):
+        logger.warning("%s", message)
     return target
+
+
+def leftover_messages(target: str | os.PathLike) -> list[str]:
+    """What earlier killed runs left next to ``target``, one sentence per folder, saying what it is and what to do.
+
+    ``.NAME.partial-*``: an unfinished output, safe to delete. ``.NAME.old-*``: the previous ``target``, moved aside
+    while a new one replaced it; safe to delete when ``target`` exists, else ``mv`` restores it.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    messages = [f"{p} is the unfinished output of an earlier killed run; safe to delete"
+                for p in sorted(target.parent.glob(f".{target.name}.partial-*"))]
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if target.exists():
+            messages.append(f"{old} is a previous {target} kept aside by an earlier killed run; {target} is "
+                            "complete, so it is safe to delete")
+        else:
+            messages.append(f"{old} is the previous {target}, moved aside by a run killed while replacing it: "
+                            f"`mv {old} {target}` restores it")
+    return messages
 
 
 def _remove(path: Path) -> None:
@@ -486,13 +506,16 @@ def _remove(path: Path) -> None:
 
 def _commit(partial: Path, target: Path) -> None:
     """Move `partial` to `target`, replacing an existing target only once the new one is complete."""
+    fsync_tree(partial)
     if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
         os.rename(partial, target)
+        fsync_path(target.parent)
         _remove(old)
     else:
         os.rename(partial, target)
+        fsync_path(target.parent)
 
 
 @contextlib.contextmanager
@@ -593,3 +616,168 @@ def progress_bar(total_bytes: int, desc: str) -> tqdm:
 def setup_cli_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Durable, verifiable folders: fsync, a manifest written last, and integrity checks on resume
+
+MANIFEST_NAME = "manifest.json"
+_HASH_CHUNK = 8 * 2**20
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every regular file below ``folder`` (relative paths, sorted), the manifest excluded."""
+    return sorted(
+        p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix()
+        != MANIFEST_NAME
+    )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_all(paths: Sequence[Path]) -> list[str]:
+    """sha256 of several files, a few at a time (hashlib releases the GIL on large reads: ZeRO checkpoints hold
+    one optimizer shard per rank, and a 7B run's shards add up to ~80 GB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) <= 1:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to disk (folders: their entries, e.g. after a rename)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file below ``folder``, then every folder from the deepest up to ``folder`` itself."""
+    folder = Path(folder)
+    dirs = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            dirs.append(path)
+        elif path.is_file():
+            fsync_path(path)
+    for path in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+
+
+def write_manifest(folder: str | os.PathLike) -> dict:
+    """Write ``manifest.json`` (every file's size and sha256) into ``folder``, LAST and durably.
+
+    The files are fsync'ed first, then the manifest is written to a temporary name, fsync'ed, renamed into place
+    and the folder fsync'ed: a manifest on disk always describes files that are on disk. Returns the manifest.
+    """
+    folder = Path(folder)
+    fsync_tree(folder)
+    relative = _files_under(folder)
+    digests = _sha256_all([folder / p for p in relative])
+    files = {p.as_posix(): {"size": (folder / p).stat().st_size, "sha256": digest}
+             for p, digest in zip(relative, digests)}
+    manifest = {"format": 1, "files": files}
+    partial = folder / f".{MANIFEST_NAME}.partial"
+    with open(partial, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, folder / MANIFEST_NAME)
+    fsync_path(folder)
+    return manifest
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot load (truncated, empty, corrupt header), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {size} bytes, shorter than a safetensors header"
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            return f"{path.name} declares a {header_len}-byte header but has {size} bytes"
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{path.name} has an unreadable header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        return f"{path.name} is {size} bytes, its header says {expected}"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why a torch.save zip archive (optimizer.pt, *.bin, *.pth) is truncated or corrupt, or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"{path.name} is not a complete archive ({err})"
+    return f"{path.name} has a corrupt member {bad}" if bad is not None else None
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why one checkpoint file cannot be loaded, from its format alone (no manifest), or None."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in (".pt", ".bin", ".pth"):
+        if path.stat().st_size == 0:
+            return f"{path.name} is empty"
+        with open(path, "rb") as f:
+            legacy = f.read(2) != b"PK"  # torch.save's old (non-zip) format: nothing cheap to check
+        return None if legacy else _zip_problem(path)
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{path.name} is not valid JSON ({err})"
+    return None
+
+
+def folder_problems(folder: str | os.PathLike, checksums: bool = True) -> list[str]:
+    """What is wrong with a checkpoint folder, [] when it is intact.
+
+    With a ``manifest.json``: every file it lists must exist with its size (and sha256 when ``checksums``).
+    Without one (a folder written by other tools or older versions): every file must pass ``file_problem``.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return [p for p in (file_problem(folder / rel) for rel in _files_under(folder)) if p]
+    try:
+        files = json.loads(manifest_path.read_bytes())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        return [f"{MANIFEST_NAME} is unreadable ({err})"]
+    problems = []
+    to_hash = []
+    for rel, entry in sorted(files.items()):
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{rel} is {path.stat().st_size} bytes, the manifest says {entry['size']}")
+        elif checksums:
+            to_hash.append((rel, entry["sha256"]))
+    if problems:  # sizes already tell; no need to read everything
+        return problems
+    digests = _sha256_all([folder / rel for rel, _ in to_hash])
+    return [f"{rel} does not match its sha256 in the manifest"
+            for (rel, expected), digest in zip(to_hash, digests) if digest != expected]

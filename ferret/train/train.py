@@ -45,10 +45,13 @@ from ferret.train.arguments import (
     expand_config_files,
     parse_args,
 )
+from ferret.model.checkpoint import MANIFEST_NAME, file_problem, fsync_path, write_manifest
 from ferret.train.trainer import (
     FerretTrainer,
     SkipCountingCollator,
     SkipCountingDataset,
+    WEIGHT_FILES,
+    checkpoint_problems,
     latest_checkpoint,
     remove_staging_folders,
 )
@@ -428,12 +431,16 @@ def build_dataset(processor, model_args: ModelArguments, data_args: DataArgument
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """``--resume_from_checkpoint PATH`` as given; ``no``/``false`` starts afresh; otherwise (the default, as the
-    original) the latest complete checkpoint-N of output_dir, if any."""
+    """``--resume_from_checkpoint PATH`` as given (ValueError naming what is wrong when it is torn); ``no``/``false``
+    starts afresh; otherwise (the default, as the original) the newest intact checkpoint-N of output_dir, if any
+    (torn or incomplete newer ones are named in a warning)."""
     choice = training_args.resume_from_checkpoint
     if choice is not None and str(choice).lower() in ("no", "false", "none"):
         return None
     if choice is not None and str(choice).lower() not in ("true", "latest", "auto"):
+        problems = checkpoint_problems(choice)
+        if problems:
+            raise ValueError(f"--resume_from_checkpoint {choice} cannot be resumed from: {'; '.join(problems)}")
         return choice
     found = latest_checkpoint(training_args.output_dir)
     if found:
@@ -441,8 +448,33 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     return found
 
 
+def publish_model_folder(staging: str, final: str) -> None:
+    """Checks that every file in ``staging`` loads (weights present, safetensors lengths, archives, JSON), seals
+    it (fsync, ``manifest.json`` last) and renames it to ``final``. A folder that fails the check is never
+    published: RuntimeError naming the files, and ``final`` stays as it was."""
+    problems = [p for p in (file_problem(os.path.join(staging, rel)) for rel in _model_files(staging)) if p]
+    if not any(os.path.exists(os.path.join(staging, name)) for name in WEIGHT_FILES + ("adapter_config.json",)):
+        problems.append(f"no model weights ({', '.join(WEIGHT_FILES)})")
+    if problems:
+        raise RuntimeError(f"refusing to publish {final}: what was written in {staging} does not load: "
+                           + "; ".join(problems))
+    write_manifest(staging)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
+
+
+def _model_files(folder: str) -> list[str]:
+    names = []
+    for root, _, files in os.walk(folder):
+        names += [os.path.relpath(os.path.join(root, f), folder) for f in files if f != MANIFEST_NAME]
+    return sorted(names)
+
+
 def save_final(trainer: FerretTrainer, output_dir: str) -> str:
-    """Writes ``<output_dir>/final-checkpoint`` atomically (staging folder, then rename) and the trainer state."""
+    """Writes ``<output_dir>/final-checkpoint`` atomically (staging folder, checked, sealed, then renamed) and the
+    trainer state (naming every skipped record)."""
     final = os.path.join(output_dir, FINAL_DIR)
     staging = os.path.join(output_dir, "tmp-" + FINAL_DIR)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -450,20 +482,19 @@ def save_final(trainer: FerretTrainer, output_dir: str) -> str:
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(staging)
+    trainer.flush_skipped_records()
     trainer.save_state()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if trainer.args.should_save:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        publish_model_folder(staging, final)
         logger.info("saved the final model to %s", final)
     return final
 
 
 # Training-state files of a checkpoint that a model folder does not need.
 _STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "global_step*", "latest",
-                "zero_to_*.py", "trainer_state.json")
+                "zero_to_*.py", "trainer_state.json", MANIFEST_NAME)
 
 
 def finished_at(checkpoint: str, training_args: TrainingArguments) -> bool:
@@ -482,9 +513,7 @@ def final_from_checkpoint(checkpoint: str, output_dir: str) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns(*_STATE_FILES))
     shutil.copy(os.path.join(checkpoint, "trainer_state.json"), os.path.join(output_dir, "trainer_state.json"))
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    publish_model_folder(staging, final)
     logger.info("%s is the last step of this run: published it as %s", checkpoint, final)
     return final
 

@@ -7,12 +7,20 @@ What it adds to the HF Trainer, and nothing else:
   when ``save_vision_tower`` is set, plus HF's optimizer/scheduler/RNG/trainer state. In LoRA mode a checkpoint
   is the adapter + config.json + ``non_lora_trainables.bin`` (the layout ``load_pretrained_model`` reads); in
   projector pre-training mode (``tune_mm_mlp_adapter``) it is ``mm_projector.bin`` + config.json.
-* **Atomic checkpoints**: everything is written into ``tmp-checkpoint-N/`` and renamed to ``checkpoint-N/`` once
-  every rank has finished, so a run killed mid-save never leaves a broken ``checkpoint-N``; `latest_checkpoint`
-  additionally skips folders that lack trainer_state.json or weights (e.g. written by other tools).
+* **Atomic, verifiable checkpoints**: everything is written into ``tmp-checkpoint-N/``; once every rank has
+  finished, the files are fsync'ed, a ``manifest.json`` (size + sha256 of every file) is written LAST, the folder
+  is fsync'ed and renamed to ``checkpoint-N/``. So a run killed mid-save never leaves a ``checkpoint-N``, and a
+  checkpoint torn later (a truncated optimizer.pt, a 0-byte model.safetensors) fails its manifest:
+  `latest_checkpoint` skips it with a warning naming it and resumes from the newest intact one. Folders without a
+  manifest (other tools, older versions) are checked by format (safetensors length, zip archives, JSON).
+  HF's Trainer offers no hook to write a checkpoint elsewhere and rename it, hence the ``_save_checkpoint``
+  override; everything else goes through ``save_model`` and the public state.
 * **Logs** (tensorboard through ``report_to``): besides HF's loss, learning_rate and grad_norm, every logging
   step records ``samples_per_second`` and ``tokens_per_second`` over the interval (all ranks; tokens are the
-  non-pad positions, image positions included) and ``skipped_records`` (bad records the dataset replaced so far).
+  non-pad positions, image positions included) and ``skipped_records``: how many DISTINCT records (file, index)
+  the dataset has rejected so far, on any rank or DataLoader worker. Each newly rejected record is logged by name,
+  and the full list is kept in the trainer state (``stateful_callbacks["skipped_records"]``), so it survives a
+  resume and ends up in ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ferret.model.checkpoint import folder_problems, fsync_path, write_manifest
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -39,8 +49,10 @@ WEIGHT_FILES = (
 )
 STAGING_PREFIX = "tmp-"
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-# Key the dataset/collator may put in a batch: how many bad records were replaced while building it.
-SKIPPED_KEY = "num_skipped"
+# Key the dataset/collator put in a batch: the bad records, as (file, index, reason), replaced while building it.
+SKIPPED_KEY = "skipped_records"
+# Where the trainer state keeps every distinct skipped record: [[file, index, reason], ...].
+SKIPPED_STATE_KEY = "skipped_records"
 
 
 def is_complete_checkpoint(path: str) -> bool:
@@ -50,8 +62,17 @@ def is_complete_checkpoint(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
 
 
+def checkpoint_problems(path: str, checksums: bool = True) -> list[str]:
+    """Why a checkpoint folder cannot be resumed from ([] when it is intact): missing trainer state or weights,
+    or files that fail the folder's manifest (see ``ferret.model.checkpoint.folder_problems``)."""
+    if not is_complete_checkpoint(path):
+        return [f"incomplete: no {TRAINER_STATE} or no model weights"]
+    return folder_problems(path, checksums=checksums)
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-N`` folder with the highest N that is complete; incomplete ones are logged and skipped."""
+    """The ``checkpoint-N`` folder with the highest N that is intact; each newer one that is incomplete or torn
+    is named in a warning with what is wrong, and skipped."""
     if not os.path.isdir(output_dir):
         return None
     steps = []
@@ -60,9 +81,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             steps.append((int(match.group(1)), os.path.join(output_dir, name)))
     for _, path in sorted(steps, reverse=True):
-        if is_complete_checkpoint(path):
+        problems = checkpoint_problems(path)
+        if not problems:
             return path
-        logger.warning("skipping incomplete checkpoint %s (no %s or no model weights)", path, TRAINER_STATE)
+        logger.warning("skipping the torn or incomplete checkpoint %s: %s", path, "; ".join(problems))
     return None
 
 
@@ -87,9 +109,8 @@ class SkipCountingDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        before = self.dataset.bad_records
         item = dict(self.dataset[i])
-        item[SKIPPED_KEY] = self.dataset.bad_records - before
+        item[SKIPPED_KEY] = [tuple(s) for s in getattr(self.dataset, "last_skipped", ())]
         return item
 
     def set_epoch(self, epoch: int) -> None:
@@ -108,7 +129,7 @@ class SkipCountingCollator:
         self.collator = collator
 
     def __call__(self, features):
-        skipped = sum(int(f.pop(SKIPPED_KEY, 0)) for f in features)
+        skipped = [s for f in features for s in f.pop(SKIPPED_KEY, ())]
         batch = self.collator(features)
         batch[SKIPPED_KEY] = skipped
         return batch
@@ -132,9 +153,9 @@ class FerretTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.save_vision_tower = save_vision_tower
         self.adapter_only = adapter_only
-        self._interval = {"samples": 0, "tokens": 0, "skipped": 0}
+        self._interval = {"samples": 0, "tokens": 0}
         self._interval_start: float | None = None
-        self._skipped_total: int | None = None  # continues the count of a resumed run (from its log history)
+        self._pending_skipped: dict[tuple[str, int], str] = {}  # seen on this rank since the last flush
 
     # ------------------------------------------------------------------ throughput and data-quality logs
     def _get_train_sampler(self, train_dataset=None):
@@ -154,27 +175,51 @@ class FerretTrainer(Trainer):
         self._interval["samples"] += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
         self._interval["tokens"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        self._interval["skipped"] += int(skipped.sum()) if torch.is_tensor(skipped) else int(skipped or 0)
+        for path, index, reason in skipped or ():
+            self._pending_skipped.setdefault((str(path), int(index)), str(reason))
         return super().training_step(model, inputs, num_items_in_batch)
+
+    @property
+    def skipped_records(self) -> dict[tuple[str, int], str]:
+        """Every distinct record skipped so far in this run (resumes included): (file, index) -> reason. Complete
+        after ``flush_skipped_records``."""
+        saved = self.state.stateful_callbacks.get(SKIPPED_STATE_KEY) or []
+        return {(str(path), int(index)): str(reason) for path, index, reason in saved}
+
+    def flush_skipped_records(self) -> int:
+        """Merges the records every rank skipped since the last flush into the trainer state and logs the new
+        ones by name; returns the number of distinct skipped records. Collective: call it on every rank."""
+        pending = [[p, k, r] for (p, k), r in self._pending_skipped.items()]
+        self._pending_skipped = {}
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, pending)
+            pending = [entry for part in gathered for entry in part]
+        known = self.skipped_records
+        new = {}
+        for path, index, reason in pending:
+            if (path, index) not in known and (path, index) not in new:
+                new[(path, index)] = reason
+        if new:
+            known.update(new)
+            self.state.stateful_callbacks[SKIPPED_STATE_KEY] = [[p, k, r] for (p, k), r in sorted(known.items())]
+            if self.args.should_log:
+                named = ", ".join(f"{p}:{k} [{r}]" for (p, k), r in sorted(new.items()))
+                logger.warning("skipped %d new bad record(s) (%d in all): %s", len(new), len(known), named)
+        return len(known)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._interval_start is not None:
-            counts = torch.tensor(
-                [self._interval["samples"], self._interval["tokens"], self._interval["skipped"]],
-                dtype=torch.float64, device=self.args.device,
-            )
+            counts = torch.tensor([self._interval["samples"], self._interval["tokens"]], dtype=torch.float64,
+                                  device=self.args.device)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)  # every rank logs (HF calls log() on all of them), so this is collective
-            samples, tokens, skipped = counts.tolist()
+            samples, tokens = counts.tolist()
             elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
-            if self._skipped_total is None:
-                logged = [h["skipped_records"] for h in self.state.log_history if "skipped_records" in h]
-                self._skipped_total = int(logged[-1]) if logged else 0
-            self._skipped_total += int(skipped)
             logs["samples_per_second"] = round(samples / elapsed, 3)
             logs["tokens_per_second"] = round(tokens / elapsed, 1)
-            logs["skipped_records"] = self._skipped_total
-            self._interval = {"samples": 0, "tokens": 0, "skipped": 0}
+            logs["skipped_records"] = self.flush_skipped_records()
+            self._interval = {"samples": 0, "tokens": 0}
             self._interval_start = time.perf_counter()
         super().log(logs, start_time)
 
@@ -217,6 +262,7 @@ class FerretTrainer(Trainer):
         _barrier()
 
         self.store_flos()
+        self.flush_skipped_records()  # the checkpoint's state names every record skipped up to this step
         self.save_model(staging, _internal_call=True)
         if not self.args.save_only_model:
             self._save_optimizer_and_scheduler(staging)
@@ -247,10 +293,13 @@ class FerretTrainer(Trainer):
 
     @staticmethod
     def _publish(staging: str, final: str) -> None:
+        """Seal ``staging`` (fsync, manifest last) and rename it to ``final``, durably."""
+        write_manifest(staging)
         if os.path.isdir(final):
             # The same step saved again (e.g. the final step after a resume): the new save replaces it.
             shutil.rmtree(final)
         os.replace(staging, final)
+        fsync_path(os.path.dirname(os.path.abspath(final)))
         logger.info("saved checkpoint %s", final)
 
 
