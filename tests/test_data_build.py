@@ -97,7 +97,7 @@ FLICKR_SENTENCES = [
 
 def flickr_files(root: Path) -> None:
     """Image 100 (train): entity 1 one box, 2 one box, 3 two boxes, 4 scene (no box), 0 notvisual.
-    Image 200 is in test.txt."""
+    Image 200 is in test.txt; image 300 (train) has a cat, and a sofa whose entity has no box at all."""
     ann = root / "flickr/Annotations"
     ann.mkdir(parents=True, exist_ok=True)
     (ann / "100.xml").write_text(
@@ -115,10 +115,15 @@ def flickr_files(root: Path) -> None:
     sentences.mkdir(parents=True, exist_ok=True)
     (sentences / "100.txt").write_text("\n".join(FLICKR_SENTENCES) + "\n")
     (sentences / "200.txt").write_text("[/EN#9/animals A cat] sleeps .\n")
-    (root / "flickr/train.txt").write_text("100\n")
+    (ann / "300.xml").write_text(
+        "<annotation><size><width>50</width><height>40</height></size>"
+        "<object><name>5</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>12</xmax><ymax>12</ymax></bndbox></object>"
+        "</annotation>")
+    (sentences / "300.txt").write_text("[/EN#5/animals A cat] on [/EN#6/other a sofa] .\n")
+    (root / "flickr/train.txt").write_text("100\n300\n")
     (root / "flickr/val.txt").write_text("")
     (root / "flickr/test.txt").write_text("200\n")
-    for i in (100, 200):
+    for i in (100, 200, 300):
         image(root / "flickr30k-images" / f"{i}.jpg", 50, 40)
 
 
@@ -144,7 +149,8 @@ def vg_files(root: Path) -> None:
     dump(vg / "objects.json", [
         {"image_id": 10, "objects": [dog, tree, dict(tree, object_id=5), off]},
         {"image_id": 11, "objects": [other]},
-        {"image_id": 12, "objects": [other]},
+        {"image_id": 12, "objects": [other, dict(dog, object_id=6, names=["puppy"]),
+                                     dict(dog, object_id=7, names=["hound"])]},
     ])
     dump(vg / "attributes.json", [
         {"image_id": 10, "attributes": [dict(dog, attributes=["brown", "Small"]), dict(tree, attributes=[])]},
@@ -216,3 +222,167 @@ def read_out(out: Path) -> dict[str, list[dict]]:
     for path in sorted((out / "data").glob("*.json")):
         records[path.name] = json.loads(path.read_text())
     return records
+
+
+def run_build(root: Path, out: Path, *extra: str) -> dict:
+    from ferret.data.build.command import main
+
+    assert main(build_args(root, out, *extra)) == 0
+    return json.loads((out / "build_report.json").read_text())
+
+
+PLAIN = ("--canonical", "--refer-forms", "box=1", "--negative-share", "0", "--yesno-negative-share", "0")
+
+
+@pytest.fixture(scope="module")
+def plain(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    return out, run_build(sources, out, *PLAIN)
+
+
+def human(text):
+    return {"from": "human", "value": text}
+
+
+def gpt(text):
+    return {"from": "gpt", "value": text}
+
+
+def rec(id_, image, w, h, turns, boxes, forms):
+    return {"id": id_, "image": image, "image_w": w, "image_h": h, "conversations": turns, "box_x1y1x2y2": boxes,
+            "refer_as": forms}
+
+
+DOG, CAT = [4, 6, 24, 24], [30.5, 10, 50.5, 40]  # COCO [x, y, w, h] -> [x, y, x + w, y + h]
+VG_DOG, VG_TREE = [2, 3, 22, 18], [30, 0, 59, 39]  # VG x, y, w, h; the tree's right edge clamps to W - 1 = 59
+
+# Written by hand from the fixtures above (canonical mode: first template, annotation order, boxes only).
+EXPECTED = {
+    "grit_coco_instances_train2017_00000.json": [rec(
+        "coco_objects/1/0", "000000000001.jpg", 64, 48,
+        [human("<image>\nWhat is the object <bbox_location0>?"), gpt("dog"),
+         human("What is the object <bbox_location0>?"), gpt("cat"),
+         human("Where is the dog in the image?"), gpt("dog <bbox_location0>"),
+         human("Where is the cat in the image?"), gpt("cat <bbox_location0>")],
+        [[DOG], [], [CAT], [], [], [DOG], [], [CAT]], ["box", None, "box", None, None, None, None, None])],
+    "refexp_refcoco_unc_00000.json": [rec(  # the repeated sentence "the dog" is asked once
+        "refexp/refcoco(unc)/1/0", "COCO_train2014_000000000001.jpg", 64, 48,
+        [human("<image>\nDescribe the object <bbox_location0> so that it can be told apart from the others."),
+         gpt("brown dog on the left"),
+         human("What is the location of the dog in the image?"), gpt("the dog <bbox_location0>"),
+         human("Describe the object <bbox_location0> so that it can be told apart from the others."), gpt("cat")],
+        [[DOG], [], [], [DOG], [CAT], []], ["box", None, None, None, "box", None])],
+    "flickr_flickr30k_00000.json": [
+        rec("flickr/100/0", "100.jpg", 50, 40,  # Flickr boxes are 1-based: (1, 1, 21, 31) -> [0, 0, 20, 30]
+            [human("<image>\nDescribe the image in one sentence and give the location of each object you mention."),
+             gpt("A man <bbox_location0> in a red hat <bbox_location1> walks two dogs <bbox_location2>, "
+                 "<bbox_location3> in the park."),
+             human("What are the locations of a person, dogs?"),
+             gpt("a person <bbox_location0>; dogs <bbox_location1>, <bbox_location2>")],
+            [[], [[0, 0, 20, 30], [4, 1, 14, 7], [24, 19, 34, 29], [35, 19, 49, 39]], [],
+             [[0, 0, 20, 30], [24, 19, 34, 29], [35, 19, 49, 39]]], [None] * 4),
+        rec("flickr/300/0", "300.jpg", 50, 40,
+            [human("<image>\nDescribe the image in one sentence and give the location of each object you mention."),
+             gpt("A cat <bbox_location0> on a sofa.")],
+            [[], [[1, 1, 11, 11]]], [None, None])],
+    "vg_object_vg_00000.json": [rec(  # "puppy" is the dog's second name; the second tree repeats the first
+        "vg_objects/10/0", "VG_100K/10.jpg", 60, 40,
+        [human("<image>\nWhat is the object <bbox_location0>?"), gpt("dog"),
+         human("What is the object <bbox_location0>?"), gpt("tree"),
+         human("Where is the dog in the image?"), gpt("dog <bbox_location0>"),
+         human("Where is the tree in the image?"), gpt("tree <bbox_location0>")],
+        [[VG_DOG], [], [VG_TREE], [], [], [VG_DOG], [], [VG_TREE]], ["box", None, "box", None, None, None, None, None])],
+    "vg_yesno_object_vg_00000.json": [rec(
+        "vg_yesno_objects/10/0", "VG_100K/10.jpg", 60, 40,
+        [human("<image>\nIs there a dog in the image?"), gpt("Yes, there is a dog <bbox_location0>."),
+         human("Is there a tree in the image?"), gpt("Yes, there is a tree <bbox_location0>.")],
+        [[], [VG_DOG], [], [VG_TREE]], [None] * 4)],
+    "vg_attribute_vg_00000.json": [rec(
+        "vg_attributes/10/0", "VG_100K/10.jpg", 60, 40,
+        [human("<image>\nWhat are the attributes of the dog <bbox_location0>?"), gpt("The dog is brown and small."),
+         human("Where is the brown and small dog?"), gpt("brown and small dog <bbox_location0>")],
+        [[VG_DOG], [], [], [VG_DOG]], ["box", None, None, None])],
+    "vg_relation_vg_00000.json": [rec(  # the "stick" relationship has a 0-wide box and is dropped
+        "vg_relations/10/0", "VG_100K/10.jpg", 60, 40,
+        [human("<image>\nWhat is the relationship between <bbox_location0> and <bbox_location1>?"),
+         gpt("The dog <bbox_location0> is under the tree <bbox_location1>.")],
+        [[VG_DOG, VG_TREE], [VG_DOG, VG_TREE]], ["box", None])],
+    "vg_region_vg_00000.json": [rec(
+        "vg_regions/10/0", "VG_100K/10.jpg", 60, 40,
+        [human("<image>\nDescribe the region <bbox_location0> in a short phrase."), gpt("a dog lying in the grass"),
+         human('Where is "tall green tree" in the image?'), gpt("tall green tree <bbox_location0>")],
+        [[[0, 2, 30, 22]], [], [], [VG_TREE]], ["box", None, None, None])],
+    "objects365_objects365_train_00000.json": [rec(
+        "objects365/1/0", "obj365_1.jpg", 40, 30,
+        [human("<image>\nWhat is the object <bbox_location0>?"), gpt("bottle"),
+         human("Where is the bottle in the image?"), gpt("bottle <bbox_location0>")],
+        [[[1, 2, 11, 14]], [], [], [[1, 2, 11, 14]]], ["box", None, None, None])],
+    "grit_lvis_v1_train_00000.json": [rec(
+        "lvis_objects/4/0", "train2017/000000000004.jpg", 40, 30,
+        [human("<image>\nWhat is the object <bbox_location0>?"), gpt("bow (weapon)"),
+         human("Where is the bow (weapon) in the image?"), gpt("bow (weapon) <bbox_location0>")],
+        [[[5, 5, 15, 15]], [], [], [[5, 5, 15, 15]]], ["box", None, None, None])],
+}
+
+
+# ------------------------------------------------------------------------------------------------ records
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_records_match_hand_written_expectations(plain, name):
+    out, _ = plain
+    got = read_out(out)
+    assert name in got, sorted(got)
+    assert got[name] == EXPECTED[name]
+
+
+def test_every_file_is_routed_by_its_name_and_listed_in_the_mix(plain):
+    from ferret.data.grit import infer_dataset_type
+
+    out, report = plain
+    files = sorted(p.name for p in (out / "data").glob("*.json"))
+    assert files == sorted(EXPECTED)
+    tags = {name: infer_dataset_type(name) for name in files}
+    assert tags["refexp_refcoco_unc_00000.json"] == "refexp" and tags["vg_region_vg_00000.json"] == "vg_region"
+    assert tags["vg_yesno_object_vg_00000.json"] == "vg_yesno_object" and tags["vg_object_vg_00000.json"] == "vg_object"
+    assert tags["grit_lvis_v1_train_00000.json"] == "grit" and tags["flickr_flickr30k_00000.json"] == "flickr"
+    mix = json.loads((out / "train_mix.json").read_text())
+    weights = {os.path.basename(p): m for p, m in zip(mix["data_path"], mix["data_multiple"])}
+    # the recipe's weights: vg relations and regions 0.2, the rest 1
+    assert weights["vg_relation_vg_00000.json"] == 0.2 and weights["vg_region_vg_00000.json"] == 0.2
+    assert weights["refexp_refcoco_unc_00000.json"] == 1.0 and len(weights) == len(files)
+    folders = {os.path.basename(p): f for p, f in zip(mix["data_path"], mix["image_folder"])}
+    assert folders["grit_lvis_v1_train_00000.json"].endswith("/coco")
+    words = (out / "train_mix.args").read_text().split()
+    assert words[0] == "--data_path" and words.count("--data_multiple") == 1 and "0.2" in words
+    assert report["records_per_task_kind"] == {
+        "coco_objects": 1, "flickr": 2, "lvis_objects": 1, "objects365": 1, "refexp": 1, "vg_attributes": 1,
+        "vg_objects": 1, "vg_regions": 1, "vg_relations": 1, "vg_yesno_objects": 1}
+
+
+def test_report_counts_evaluation_images_and_odd_cases(plain):
+    _, report = plain
+    sources = report["sources"]
+    coco = sources["coco:instances_train2017.json"]
+    assert coco["evaluation_images_left_out"] == {"pope.jsonl": 1, "refcoco(unc) val": 1}
+    assert coco["dropped"]["crowd_annotation"] == 1 and coco["images_used"] == 1
+    assert sources["refcoco(unc)"]["evaluation_images_left_out"] == {}  # its val ref is not read as training
+    assert sources["flickr30k"]["evaluation_images_left_out"] == {"flickr30k test": 1}
+    assert sources["flickr30k"]["counts"]["phrases_without_box"] == 3  # the park (scene), outside (notvisual), a sofa
+    vg_objects = sources["vg_objects"]
+    assert vg_objects["evaluation_images_left_out"] == {"refcoco(unc) val (via VG coco_id)": 1,
+                                                        "flickr30k test (via VG flickr_id)": 1}
+    assert vg_objects["dropped"] == {"object_without_name_or_box": 1}  # the bird off the image
+    assert sources["vg_relations"]["dropped"] == {"relationship_incomplete": 1}
+    assert sources["vg_regions"]["dropped"] == {"region_without_phrase_or_box": 1}
+    assert report["evaluation_images"]["coco_ids"] == 2 and report["evaluation_images"]["flickr_ids"] == 1
+    text = (Path(plain[0]) / "build_report.txt").read_text()
+    assert "evaluation images left out: flickr30k test=1" in text
+
+
+def test_no_record_comes_from_an_evaluation_image(sources, tmp_path):
+    run_build(sources, tmp_path / "out")  # default options: random templates, forms and negatives
+    images = {r["image"] for records in read_out(tmp_path / "out").values() for r in records}
+    for leaked in ("000000000002.jpg", "000000000003.jpg", "COCO_train2014_000000000003.jpg", "200.jpg",
+                   "VG_100K_2/11.jpg", "VG_100K_2/12.jpg"):
+        assert leaked not in images
+    kept = run_build(sources, tmp_path / "kept", *PLAIN, "--keep-eval-images")
+    assert kept["sources"]["coco:instances_train2017.json"]["images_used"] == 3
