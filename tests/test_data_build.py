@@ -386,3 +386,165 @@ def test_no_record_comes_from_an_evaluation_image(sources, tmp_path):
         assert leaked not in images
     kept = run_build(sources, tmp_path / "kept", *PLAIN, "--keep-eval-images")
     assert kept["sources"]["coco:instances_train2017.json"]["images_used"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ draws
+def test_same_seed_same_output_other_seed_other_draws(sources, tmp_path):
+    run_build(sources, tmp_path / "a", "--seed", "3")
+    run_build(sources, tmp_path / "b", "--seed", "3")
+    run_build(sources, tmp_path / "c", "--seed", "4")
+    a, b, c = (read_out(tmp_path / k) for k in "abc")
+    assert a == b
+    assert a != c and a.keys() == c.keys()
+
+
+def test_free_form_turns_carry_the_segmentation_and_fall_back_without_one(sources, tmp_path):
+    from ferret.regions import FreeForm
+
+    report = run_build(sources, tmp_path, "--canonical", "--refer-forms", "free_form=1", "--negative-share", "0",
+                       "--tasks", "coco_objects")
+    record = read_out(tmp_path)["grit_coco_instances_train2017_00000.json"][0]
+    # turn 0 refers to the dog (a polygon): free-form, its mask is the filled polygon x 4..24, y 6..24
+    assert record["refer_as"][:3] == ["free_form", None, "box"]
+    mask = FreeForm.from_rle(record["masks"][0][0]).mask
+    assert mask.shape == (48, 64) and mask.sum() == 21 * 19 and mask[6:25, 4:25].all()
+    # turn 2 refers to the cat, whose segmentation is empty: it falls back to a box, without a mask
+    assert record["masks"][2] == [None]
+    assert report["sources"]["coco:instances_train2017.json"]["counts"]["free_form_fallback"] == 1
+
+
+def test_referring_forms_follow_their_weights(sources, tmp_path):
+    report = run_build(sources, tmp_path, "--refer-forms", "point=1,box=0,free_form=0", "--tasks", "vg_regions",
+                       "vg_objects", "refexp")
+    forms = [f for records in read_out(tmp_path).values() for r in records for f in r["refer_as"] if f]
+    assert len(forms) >= 3 and set(forms) == {"point"}
+    counted = sum(v for s in report["sources"].values() for k, v in s["counts"].items() if k.startswith("form:"))
+    assert counted == len(forms)
+
+
+def test_absent_objects_are_never_present_synonyms_or_synsets(sources, tmp_path):
+    run_build(sources, tmp_path, "--canonical", "--negative-share", "0.5", "--yesno-negative-share", "0.5",
+              "--tasks", "vg_yesno_objects", "lvis_objects", "flickr")
+    out = read_out(tmp_path)
+    (yesno,) = out["vg_yesno_object_vg_00000.json"]
+    questions = [t["value"] for t in yesno["conversations"][0::2]]
+    answers = [t["value"] for t in yesno["conversations"][1::2]]
+    asked_absent = {q.split("Is there a ")[1].split(" in the")[0].replace("n ", "", 1) if q.count("Is there an ")
+                    else q.split("Is there a ")[1].split(" in the")[0]
+                    for q, a in zip(questions, answers) if a.startswith("No")}
+    # 2 present names (dog, tree) -> 2 absent ones at a share of 0.5. "puppy" (the dog's other name) and "hound"
+    # (the dog's synset dog.n.01) are never asked; "car" and "bird" (annotated off the image) are the candidates.
+    assert asked_absent == {"car", "bird"}
+    (lvis,) = out["grit_lvis_v1_train_00000.json"]
+    text = json.dumps(lvis["conversations"])
+    assert "There is no teddy bear in the image." in text and "zebra" not in text  # only verified negatives
+    flickr = out["flickr_flickr30k_00000.json"]
+    swapped = [r for r in flickr if any('Does this caption match' in t["value"] for t in r["conversations"])]
+    assert swapped, "a negative share of 0.5 over 3 questions must swap at least one caption"
+    for record in swapped:
+        for q, a in zip(record["conversations"][0::2], record["conversations"][1::2]):
+            if "Does this caption match" in q["value"]:
+                assert a["value"].startswith("No. There is no ")
+
+
+# ------------------------------------------------------------------------------------------------ scale and input
+def test_bucketed_grouping_gives_the_same_records(sources, tmp_path, monkeypatch):
+    from ferret.data.build import streaming
+
+    run_build(sources, tmp_path / "one", *PLAIN, "--tasks", "coco_objects", "refexp", "lvis_objects")
+    monkeypatch.setattr(streaming, "BUCKET_BYTES", 64)  # dozens of buckets for the small files
+    monkeypatch.setattr(streaming.bucket_count, "__defaults__", (64,))
+    run_build(sources, tmp_path / "many", *PLAIN, "--tasks", "coco_objects", "refexp", "lvis_objects")
+    assert read_out(tmp_path / "one") == read_out(tmp_path / "many")
+    assert not (tmp_path / "many" / ".tmp").exists()
+
+
+def test_shards_split_and_a_rebuild_leaves_no_stale_shard(sources, tmp_path):
+    from ferret.data.build.writer import ShardWriter
+
+    writer = ShardWriter(str(tmp_path), "vg_region_vg", 2)
+    for k in range(5):
+        writer.write({"id": k})
+    paths = writer.close()
+    assert [os.path.basename(p) for p in paths] == [f"vg_region_vg_0000{k}.json" for k in range(3)]
+    assert [json.loads(Path(p).read_text()) for p in paths] == [[{"id": 0}, {"id": 1}], [{"id": 2}, {"id": 3}],
+                                                                [{"id": 4}]]
+    ShardWriter(str(tmp_path), "vg_region_vg", 2).close()
+    assert not list(tmp_path.glob("vg_region_vg_*.json"))
+
+
+def test_bad_inputs_get_clear_errors(sources, tmp_path, capsys):
+    from ferret.data.build.command import main
+
+    broken = tmp_path / "instances_broken.json"
+    broken.write_text('{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}, {"id": ')
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--coco-instances", str(broken),
+                 "--coco-images", str(tmp_path)]) == 2
+    assert "instances_broken.json: not valid JSON" in capsys.readouterr().err
+    bad_refs = tmp_path / "refcoco" / "refs(unc).p"
+    bad_refs.parent.mkdir()
+    bad_refs.write_bytes(pickle.dumps({"not": "a list"}))
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--refcoco-refs", str(bad_refs),
+                 "--refcoco-images", str(tmp_path)]) == 2
+    assert "expected a list of refs" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--vg-dir", str(sources / "vg")]) == 2
+    assert "--vg-images is required" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no source given" in capsys.readouterr().err
+
+
+def test_missing_image_files_drop_their_records(sources, tmp_path):
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    from ferret.data.build.command import main
+
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--vg-dir", str(sources / "vg"),
+                 "--vg-images", str(empty), "--tasks", "vg_regions"]) == 0
+    report = json.loads((tmp_path / "o" / "build_report.json").read_text())
+    # no evaluation file is given here, so both VG images with regions are looked for, and both are missing
+    assert report["sources"]["vg_regions"]["dropped"] == {"image_file_missing": 2}
+    assert report["records"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_cli_help_is_fast_and_routes():
+    from ferret.cli import GROUPS
+
+    assert GROUPS["data"]["build"] == "ferret.data.build"
+    assert GROUPS["data"]["generate-conversations"] == "ferret.data.build.conversations"
+    code = ("import sys; from ferret.cli import main; rc = main(['data', 'build', '--help']) if False else 0; "
+            "import ferret.data.build.command as c; c.parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'pycocotools') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.strip() == "[]"
+
+
+def test_built_set_validates_and_trains(sources, tmp_path):
+    """The default build passes the validator with zero bad records, and the tiny model trains a few steps on it
+    through the written mix (train_mix.json as --config)."""
+    from transformers import AutoTokenizer  # noqa: F401  (imported here: the module's other tests stay light)
+
+    from ferret.data import validate as V
+    from ferret.data.toy import train_toy_tokenizer, world_corpus
+    from ferret.train.train import main as train_main
+
+    out = tmp_path / "grit"
+    run_build(sources, out, "--negative-share", "0.3")
+    words = (out / "validate.args").read_text().split()
+    files = [w for w in words if not w.startswith("--") and words[words.index(w) - 1] != "--image-folder"]
+    folders = [words[i + 1] for i, w in enumerate(words) if w == "--image-folder"]
+    report = V.validate(files, folders)
+    assert report.records == sum(len(r) for r in read_out(out).values()) > 0
+    assert report.bad == 0 and not report.has_errors, report.summary()
+    records = [r for rs in read_out(out).values() for r in rs]
+    train_toy_tokenizer(tmp_path / "tokenizer", world_corpus(records) * 4, vocab_size=500)
+    run = tmp_path / "run"
+    assert train_main(["--config", str(out / "train_mix.json"), "--init_config", "small",
+                       "--tokenizer_path", str(tmp_path / "tokenizer"), "--output_dir", str(run),
+                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--model_max_length", "256",
+                       "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True", "--seed", "0",
+                       "--save_strategy", "no"]) == 0
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
