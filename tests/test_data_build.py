@@ -548,3 +548,21 @@ def test_built_set_validates_and_trains(sources, tmp_path):
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_merge_mix_lists_other_shards_in_the_mix(sources, tmp_path):
+    other = tmp_path / "convs"
+    other.mkdir()
+    shard = other / "git_instruction_generated_vg_00000.json"
+    shard.write_text("[]")
+    (other / "train_mix.json").write_text(json.dumps({"data_path": [str(shard)], "image_folder": ["/img/vg"],
+                                                      "data_multiple": [3.0]}))
+    run_build(sources, tmp_path / "out", *PLAIN, "--tasks", "vg_regions", "--merge-mix", str(other))
+    mix = json.loads((tmp_path / "out" / "train_mix.json").read_text())
+    assert mix["data_path"][-1] == str(shard) and mix["data_multiple"][-1] == 3.0 and mix["image_folder"][-1] == "/img/vg"
+    assert len(mix["data_path"]) == 2
+    assert str(shard) in (tmp_path / "out" / "validate.args").read_text()
+    from ferret.data.build.command import main
+
+    assert main(["--out", str(tmp_path / "x"), "--vg-dir", str(sources / "vg"), "--vg-images", "v",
+                 "--merge-mix", str(tmp_path / "nowhere")]) == 2
