@@ -566,3 +566,37 @@ def test_merge_mix_lists_other_shards_in_the_mix(sources, tmp_path):
 
     assert main(["--out", str(tmp_path / "x"), "--vg-dir", str(sources / "vg"), "--vg-images", "v",
                  "--merge-mix", str(tmp_path / "nowhere")]) == 2
+
+
+def test_mdetr_expression_files(sources, tmp_path):
+    """MDETR's COCO-style files: one image entry per expression; expressions of one COCO image are packed
+    together; a val file given with --exclude-eval keeps its images out."""
+    def entry(i, coco_id, caption):
+        return {"id": i, "file_name": f"COCO_train2014_{coco_id:012d}.jpg", "height": 48, "width": 64,
+                "caption": caption, "dataset_name": "refcoco", "original_img_id": coco_id, "tokens_positive": []}
+
+    def ann(i, image_id, bbox):
+        return {"id": i, "image_id": image_id, "bbox": bbox, "category_id": 1, "iscrowd": 0, "area": 1,
+                "segmentation": [], "tokens_positive": [[0, 3]]}
+
+    train = dump(tmp_path / "final_refexp_train.json", {
+        "images": [entry(0, 1, "left dog"), entry(1, 3, "big dog"), entry(2, 1, "the cat, right")],
+        "annotations": [ann(0, 2, [30.5, 10, 20, 30]), ann(1, 0, [4, 6, 20, 18]), ann(2, 1, [10, 10, 30, 30])],
+        "categories": [{"id": 1, "name": "dog"}]})
+    val = dump(tmp_path / "final_refexp_val.json", {"images": [entry(0, 3, "big dog")], "annotations": [],
+                                                   "categories": []})
+    from ferret.data.build.command import main
+
+    assert main(["--out", str(tmp_path / "out"), "--no-progress", *PLAIN, "--mdetr-refexp", train,
+                 "--refcoco-images", str(sources / "coco/train2014"), "--exclude-eval", val]) == 0
+    got = read_out(tmp_path / "out")
+    assert got == {"refexp_final_refexp_train_00000.json": [rec(
+        "refexp/final_refexp_train/1/0", "COCO_train2014_000000000001.jpg", 64, 48,
+        [human("<image>\nDescribe the object <bbox_location0> so that it can be told apart from the others."),
+         gpt("left dog"),
+         human("What is the location of the cat right in the image?"), gpt("the cat right <bbox_location0>")],
+        [[DOG], [], [], [CAT]], ["box", None, None, None])]}
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["sources"]["final_refexp_train"]["evaluation_images_left_out"] == {"final_refexp_val.json": 1}
+    assert main(["--out", str(tmp_path / "o2"), "--no-progress", "--mdetr-refexp", val,
+                 "--refcoco-images", str(sources / "coco/train2014")]) == 2
