@@ -291,7 +291,8 @@ EXPECTED = {
          human("What is the object <bbox_location0>?"), gpt("tree"),
          human("Where is the dog in the image?"), gpt("dog <bbox_location0>"),
          human("Where is the tree in the image?"), gpt("tree <bbox_location0>")],
-        [[VG_DOG], [], [VG_TREE], [], [], [VG_DOG], [], [VG_TREE]], ["box", None, "box", None, None, None, None, None])],
+        [[VG_DOG], [], [VG_TREE], [], [], [VG_DOG], [], [VG_TREE]],
+        ["box", None, "box", None, None, None, None, None])],
     "vg_yesno_object_vg_00000.json": [rec(
         "vg_yesno_objects/10/0", "VG_100K/10.jpg", 60, 40,
         [human("<image>\nIs there a dog in the image?"), gpt("Yes, there is a dog <bbox_location0>."),
@@ -559,7 +560,8 @@ def test_merge_mix_lists_other_shards_in_the_mix(sources, tmp_path):
                                                       "data_multiple": [3.0]}))
     run_build(sources, tmp_path / "out", *PLAIN, "--tasks", "vg_regions", "--merge-mix", str(other))
     mix = json.loads((tmp_path / "out" / "train_mix.json").read_text())
-    assert mix["data_path"][-1] == str(shard) and mix["data_multiple"][-1] == 3.0 and mix["image_folder"][-1] == "/img/vg"
+    assert mix["data_path"][-1] == str(shard) and mix["data_multiple"][-1] == 3.0
+    assert mix["image_folder"][-1] == "/img/vg"
     assert len(mix["data_path"]) == 2
     assert str(shard) in (tmp_path / "out" / "validate.args").read_text()
     from ferret.data.build.command import main

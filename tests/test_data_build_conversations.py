@@ -3,10 +3,8 @@ replies become git_instruction records mapped back to the annotated pixel boxes,
 aside and counted, a 500 is retried, and a second run resumes without asking again."""
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
