@@ -508,17 +508,30 @@ def test_missing_image_files_drop_their_records(sources, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_cli_help_is_fast_and_routes():
-    from ferret.cli import GROUPS
+def test_cli_routes_and_help_imports_no_torch(capsys):
+    from ferret.cli import GROUPS, main
 
     assert GROUPS["data"]["build"] == "ferret.data.build"
     assert GROUPS["data"]["generate-conversations"] == "ferret.data.build.conversations"
-    code = ("import sys; from ferret.cli import main; rc = main(['data', 'build', '--help']) if False else 0; "
-            "import ferret.data.build.command as c; c.parser().format_help(); "
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    assert "--vg-dir" in capsys.readouterr().out
+    code = ("import sys\nfrom ferret.cli import main\nfor cmd in ('build', 'generate-conversations'):\n"
+            "    try:\n        main(['data', cmd, '--help'])\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'pycocotools') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_options_out_of_range_are_named(sources, tmp_path, capsys):
+    from ferret.data.build.command import main
+
+    assert main(build_args(sources, tmp_path, "--negative-share", "1.5")) == 2
+    assert "negative_share must be in [0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(build_args(sources, tmp_path, "--refer-forms", "circle=1"))
+    assert "--refer-forms item 'circle=1'" in capsys.readouterr().err
 
 
 def test_built_set_validates_and_trains(sources, tmp_path):
@@ -602,3 +615,33 @@ def test_mdetr_expression_files(sources, tmp_path):
     assert report["sources"]["final_refexp_train"]["evaluation_images_left_out"] == {"final_refexp_val.json": 1}
     assert main(["--out", str(tmp_path / "o2"), "--no-progress", "--mdetr-refexp", val,
                  "--refcoco-images", str(sources / "coco/train2014")]) == 2
+
+
+def test_malformed_files_and_items(sources, tmp_path, capsys):
+    """Wrong top levels stop the build with the file named; malformed items inside an entry are counted."""
+    from ferret.data.build.command import main
+
+    vg = tmp_path / "vg"
+    vg.mkdir()
+    (vg / "image_data.json").write_text((sources / "vg/image_data.json").read_text())
+    (vg / "region_descriptions.json").write_text(json.dumps({"regions": []}))
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--vg-dir", str(vg), "--vg-images",
+                 str(sources / "vg/images"), "--tasks", "vg_regions"]) == 2
+    assert "region_descriptions.json: expected a JSON list at the top level" in capsys.readouterr().err
+    (vg / "region_descriptions.json").write_text(json.dumps([
+        {"id": 10, "regions": [7, "text", {"phrase": "a dog", "x": 0, "y": 0, "width": 10, "height": 10}]}, 3]))
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--vg-dir", str(vg), "--vg-images",
+                 str(sources / "vg/images"), "--tasks", "vg_regions"]) == 2
+    assert "item 1 of 'item' is a int, expected a JSON object" in capsys.readouterr().err
+    (vg / "region_descriptions.json").write_text(json.dumps([
+        {"id": 10, "regions": [7, "text", {"phrase": "a dog", "x": 0, "y": 0, "width": 10, "height": 10}]}]))
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--vg-dir", str(vg), "--vg-images",
+                 str(sources / "vg/images"), "--tasks", "vg_regions"]) == 0
+    report = json.loads((tmp_path / "o" / "build_report.json").read_text())
+    assert report["sources"]["vg_regions"]["dropped"] == {"malformed_item": 2}
+    assert report["records"] == 1
+    coco = tmp_path / "instances_list.json"
+    coco.write_text("[]")
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--coco-instances", str(coco),
+                 "--coco-images", str(tmp_path)]) == 2
+    assert "instances_list.json: expected a JSON object at the top level" in capsys.readouterr().err
