@@ -396,6 +396,8 @@ def test_same_seed_same_output_other_seed_other_draws(sources, tmp_path):
     run_build(sources, tmp_path / "c", "--seed", "4")
     a, b, c = (read_out(tmp_path / k) for k in "abc")
     assert a == b
+    for name in a:
+        assert (tmp_path / "a" / "data" / name).read_bytes() == (tmp_path / "b" / "data" / name).read_bytes()
     assert a != c and a.keys() == c.keys()
 
 
@@ -615,6 +617,20 @@ def test_mdetr_expression_files(sources, tmp_path):
     assert report["sources"]["final_refexp_train"]["evaluation_images_left_out"] == {"final_refexp_val.json": 1}
     assert main(["--out", str(tmp_path / "o2"), "--no-progress", "--mdetr-refexp", val,
                  "--refcoco-images", str(sources / "coco/train2014")]) == 2
+
+
+def test_lvis_val_is_an_evaluation_file(sources, tmp_path, capsys):
+    """LVIS val holds the LVIS-referring benchmark's images: refused as training data, accepted by --exclude-eval
+    (ids from coco_url), which then keeps COCO image 4 out of the LVIS train build."""
+    from ferret.data.build.command import main
+
+    val = tmp_path / "lvis_v1_val.json"
+    val.write_text((sources / "lvis/lvis_v1_train.json").read_text())
+    assert main(["--out", str(tmp_path / "o"), "--no-progress", "--lvis", str(val), "--lvis-images", "x"]) == 2
+    assert "lvis_v1_val.json: its name marks an evaluation split" in capsys.readouterr().err
+    report = run_build(sources, tmp_path / "o", "--tasks", "lvis_objects", "--exclude-eval", str(val))
+    assert report["sources"]["lvis:lvis_v1_train.json"]["evaluation_images_left_out"] == {"lvis_v1_val.json": 1}
+    assert report["records"] == 0
 
 
 def test_malformed_files_and_items(sources, tmp_path, capsys):
