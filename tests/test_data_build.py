@@ -661,3 +661,15 @@ def test_malformed_files_and_items(sources, tmp_path, capsys):
     assert main(["--out", str(tmp_path / "o"), "--no-progress", "--coco-instances", str(coco),
                  "--coco-images", str(tmp_path)]) == 2
     assert "instances_list.json: expected a JSON object at the top level" in capsys.readouterr().err
+
+
+def test_packing_splits_questions_over_records(sources, tmp_path):
+    """Image 10's four object questions (2 refer + 2 ground) in records of at most 3, then capped at 1 record."""
+    run_build(sources, tmp_path / "a", *PLAIN, "--tasks", "vg_objects", "--qa-per-record", "3")
+    records = read_out(tmp_path / "a")["vg_object_vg_00000.json"]
+    assert [r["id"] for r in records] == ["vg_objects/10/0", "vg_objects/10/1"]
+    assert [len(r["conversations"]) for r in records] == [6, 2]
+    assert records[1]["conversations"][0]["value"] == "<image>\nWhere is the tree in the image?"
+    report = run_build(sources, tmp_path / "b", *PLAIN, "--tasks", "vg_objects", "--qa-per-record", "3",
+                       "--records-per-image", "1")
+    assert report["sources"]["vg_objects"]["counts"]["qa_beyond_records_per_image"] == 1
