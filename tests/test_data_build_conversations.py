@@ -131,6 +131,16 @@ def test_generate_convert_resume(server, vg, tmp_path):
     assert len(FakeOpenAI.calls) == 3
 
 
+def test_parallel_requests_give_the_same_records(server, vg, tmp_path):
+    from ferret.data.build.conversations import main
+
+    assert main(args(vg, tmp_path / "one", server, "--workers", "1")) == 0
+    FakeOpenAI.failures_left = {"cat": 1}
+    assert main(args(vg, tmp_path / "three", server, "--workers", "3")) == 0
+    for name in ("data/git_instruction_generated_vg_00000.json", "unparseable.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "three" / name).read_text()
+
+
 def test_parse_reply_rejects_what_it_cannot_ground():
     from ferret.data.build.conversations import Unparseable, parse_reply
 
@@ -157,3 +167,12 @@ def test_endpoint_errors_are_bounded(vg, tmp_path):
 
     with pytest.raises(RequestFailed, match="gave up after 3 attempts"):
         chat("http://127.0.0.1:9/v1", "m", "s", "u", None, timeout=2, max_retries=2, retry_wait=0, temperature=0)
+
+
+def test_unreachable_endpoint_stops_after_max_failures(vg, tmp_path, capsys):
+    from ferret.data.build.conversations import main
+
+    assert main(args(vg, tmp_path / "out", "http://127.0.0.1:9/v1", "--max-retries", "0", "--max-failures", "1",
+                     "--timeout", "2")) == 2
+    assert "1 images failed to answer" in capsys.readouterr().err
+    assert (tmp_path / "out" / "responses.jsonl").read_text() == ""  # nothing answered: a rerun asks again

@@ -6,7 +6,7 @@ OpenAI-compatible chat endpoint, converted to GRIT ``git_instruction`` records.
 
 For every usable image (evaluation images left out as in ``ferret data build``) the annotations are rendered
 into a prompt (ferret/data/build/prompts.py documents it), sent with bounded retries (``--max-retries``, with
-back-off, for network errors, 429 and 5xx), and the raw reply is appended to ``OUT/responses.jsonl`` at once.
+back-off, for network errors, 429 and 5xx; ``--workers`` requests in parallel), and the raw reply is appended to ``OUT/responses.jsonl`` at once.
 A second run skips every image already answered there, so an interrupted run resumes where it stopped. Then all
 replies are parsed (``parse_reply``): good ones become records in ``OUT/data/git_instruction_generated_*.json``
 (checked with the loaders' own ``check_record``), the others are kept aside in ``OUT/unparseable.jsonl`` with
@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -290,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="replace the system prompt (default: ferret/data/build/prompts.py)")
     p.add_argument("--print-prompt", action="store_true", help="print the system prompt and exit")
     p.add_argument("--max-images", type=int, default=100, help="images to ask about (0: all)")
+    p.add_argument("--workers", type=int, default=4, help="requests in parallel")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=3, help="retries per image (network errors, 429, 5xx)")
@@ -311,6 +313,8 @@ def run(args: argparse.Namespace) -> dict:
             system = f.read()
     if not args.vg_dir and not args.coco_instances:
         raise BuildError("pass --vg-dir or --coco-instances")
+    if args.workers < 1 or args.max_retries < 0:
+        raise BuildError("--workers must be >= 1 and --max-retries >= 0")
     os.makedirs(args.out, exist_ok=True)
     ctx = BuildContext(os.path.join(args.out, ".work"), check_images=not args.skip_image_check,
                        show_progress=not args.no_progress, keep_eval_images=args.keep_eval_images)
@@ -331,25 +335,38 @@ def run(args: argparse.Namespace) -> dict:
             raise BuildError("--coco-images is required with --coco-instances")
         contexts.append(coco_contexts(ctx, args.coco_instances, args.coco_images))
     folders = {"vg": args.vg_images, "coco": args.coco_images}
-    asked = 0
-    with open(responses_path, "a", encoding="utf-8") as log, \
-            progress(args.max_images or None, "conversations", ctx.show_progress, unit="img") as bar:
+
+    def ask(context: Context) -> tuple[Context, str, int]:
+        reply, attempts = chat(args.endpoint, args.model, system, context.prompt(), api_key, args.timeout,
+                               args.max_retries, args.retry_wait, args.temperature)
+        return context, reply, attempts
+
+    def todo() -> Iterator[Context]:
+        asked = 0
         for stream in contexts:
             for context in stream:
                 if args.max_images and asked >= args.max_images:
-                    break
+                    return
                 asked += 1
-                bar.update(1)
                 if context.key in done:
                     counts["already_answered"] += 1
                     continue
+                yield context
+
+    with open(responses_path, "a", encoding="utf-8") as log, \
+            progress(args.max_images or None, "conversations", ctx.show_progress, unit="img") as bar, \
+            ThreadPoolExecutor(max_workers=args.workers) as pool:
+
+        def collect(finished) -> None:
+            for future in finished:
+                bar.update(1)
                 try:
-                    reply, attempts = chat(args.endpoint, args.model, system, context.prompt(), api_key,
-                                           args.timeout, args.max_retries, args.retry_wait, args.temperature)
+                    context, reply, attempts = future.result()
                 except RequestFailed as err:
                     counts["request_failed"] += 1
-                    logger.warning("%s: %s", context.key, err)
+                    logger.warning("%s", err)
                     if counts["request_failed"] >= args.max_failures:
+                        pool.shutdown(wait=True, cancel_futures=True)
                         raise BuildError(f"{counts['request_failed']} images failed to answer (last: {err}); "
                                          "stopping: check --endpoint/--model, then rerun to resume") from err
                     continue
@@ -360,12 +377,21 @@ def run(args: argparse.Namespace) -> dict:
                                       "image_h": context.image.height, "boxes": context.boxes_by_text(),
                                       "model": args.model, "reply": reply}, ensure_ascii=False) + "\n")
                 log.flush()
+
+        pending: set = set()
+        for context in todo():  # at most 2 x workers requests in flight: memory stays bounded
+            pending.add(pool.submit(ask, context))
+            if len(pending) >= 2 * args.workers:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                collect(finished)
+        collect(wait(pending).done)
     # Convert every reply logged so far (this run's and earlier runs').
     writers: dict[str, ShardWriter] = {}
     reasons: Counter = Counter()
     data_dir = os.path.join(args.out, "data")
     with open(os.path.join(args.out, "unparseable.jsonl"), "w", encoding="utf-8") as aside:
-        for response in read_responses(responses_path):
+        # in key order, so that the shards do not depend on the order in which concurrent replies arrived
+        for response in sorted(read_responses(responses_path), key=lambda r: r["key"]):
             try:
                 record = parse_reply(response["reply"], response)
             except Unparseable as err:
