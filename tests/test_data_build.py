@@ -539,8 +539,6 @@ def test_options_out_of_range_are_named(sources, tmp_path, capsys):
 def test_built_set_validates_and_trains(sources, tmp_path):
     """The default build passes the validator with zero bad records, and the tiny model trains a few steps on it
     through the written mix (train_mix.json as --config)."""
-    from transformers import AutoTokenizer  # noqa: F401  (imported here: the module's other tests stay light)
-
     from ferret.data import validate as V
     from ferret.data.toy import train_toy_tokenizer, world_corpus
     from ferret.train.train import main as train_main

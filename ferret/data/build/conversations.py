@@ -6,7 +6,8 @@ OpenAI-compatible chat endpoint, converted to GRIT ``git_instruction`` records.
 
 For every usable image (evaluation images left out as in ``ferret data build``) the annotations are rendered
 into a prompt (ferret/data/build/prompts.py documents it), sent with bounded retries (``--max-retries``, with
-back-off, for network errors, 429 and 5xx; ``--workers`` requests in parallel), and the raw reply is appended to ``OUT/responses.jsonl`` at once.
+back-off, for network errors, 429 and 5xx; ``--workers`` requests in parallel), and the raw reply is appended to
+``OUT/responses.jsonl`` at once.
 A second run skips every image already answered there, so an interrupted run resumes where it stopped. Then all
 replies are parsed (``parse_reply``): good ones become records in ``OUT/data/git_instruction_generated_*.json``
 (checked with the loaders' own ``check_record``), the others are kept aside in ``OUT/unparseable.jsonl`` with
