@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
         "Build GRIT-format training data (Ferret's instruction set) from the public annotation files: sharded "
         "JSON files named for the loaders, the recipe's mixing weights beside them, and a report."),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (data/, train_mix.json, validate.args, report)")
+    p.add_argument("--out", required=True, help="output folder: data/ (rewritten by every build), train_mix.json, "
+                   "train_mix.args, validate.args, build_report.json/.txt")
     g = p.add_argument_group("sources (give any subset; each with its image folder)")
     g.add_argument("--coco-instances", nargs="+", default=[], help="COCO instances_{train2014,train2017}.json")
     g.add_argument("--coco-images", help="folder the COCO file_names are relative to (e.g. coco/train2017)")
