@@ -37,7 +37,8 @@ GROUPS = {
         "api": "ferret.serve.api",
         "cli": "ferret.serve.cli",
     },
-    "data": {"validate": "ferret.data.validate", "toy": "ferret.data.toy"},
+    "data": {"validate": "ferret.data.validate", "toy": "ferret.data.toy", "build": "ferret.data.build",
+             "generate-conversations": "ferret.data.build.conversations"},
 }
 
 

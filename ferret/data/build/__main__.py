@@ -1,0 +1,5 @@
+import sys
+
+from ferret.data.build.command import main
+
+sys.exit(main())
