@@ -635,3 +635,28 @@ def test_skips_are_counted_per_distinct_record(tmp_path, processor):
     # each bad record is tried many times (3 copies, replaced by the next item, 2 passes), named once
     assert dataset.bad_records > 2
     assert dataset.bad_seen == {(path, 1): "missing_image", (path, 2): "missing_image"}
+
+
+def test_refer_as_decides_the_form_of_each_human_turn(tmp_path, processor, capsys):
+    write_image(tmp_path)
+    box, seg = (10, 10, 49, 49), blob(20, 12, 40, 45)
+    records = [
+        record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[box], human_masks=[seg], id=form,
+               refer_as=[form, None])
+        for form in ("point", "box", "free_form")
+    ]
+    path = write_json(tmp_path / "vg_object.json", records)
+    dataset = GritDataset([path], [str(tmp_path)], processor, DataOptions(point_input_sample="center"))
+    forms = {dataset.example(i).record["id"]: dataset.example(i) for i in range(len(dataset))}
+    assert forms["point"].regions[0] == [Point(29.5, 29.5)]  # the box centre, as point_input_sample says
+    assert forms["box"].regions[0] == [Box(*box)]
+    # a free-form region is its box limited by its segmentation: the feature mask is the segmentation
+    free = forms["free_form"]
+    assert free.regions[0] == [Box(*box)]
+    i = [dataset.example(j).record["id"] for j in range(len(dataset))].index("free_form")
+    assert np.array_equal(dataset[i]["region_masks"][0].numpy(), seg)
+
+    bad = record("<image>\nWhat is <bbox_location0>?", "a dog", human_boxes=[box], refer_as=["scribble", None])
+    checked = check_record(bad, "vg_object", (W, H))
+    assert [p.reason for p in checked.errors] == ["bad_refer_as"]
+    assert "'point'" in checked.errors[0].message and "scribble" in checked.errors[0].message

@@ -80,6 +80,7 @@ REASONS: dict[str, str] = {
     "placeholder_out_of_range": "a <bbox_location{k}> refers to a box the turn does not have",
     "region_without_image": "a human turn refers to a region (read as <region_fea> features) but there is no image",
     "mask_nesting": "masks does not have the nesting of box_x1y1x2y2",
+    "bad_refer_as": "refer_as is not one entry per turn, each 'point', 'box', 'free_form' or null",
     "bad_rle": "a mask is not a decodable COCO RLE of the image's size",
     "empty_region": "a mask is empty or does not overlap its box",
     "encode_failed": "the processor rejected the record (e.g. the image would be truncated away)",
@@ -89,6 +90,7 @@ REASONS: dict[str, str] = {
     "unused_box": "a box no placeholder refers to",
     "unanswered_turn": "the conversation ends with a human turn",
 }
+REFER_FORMS = frozenset({"point", "box", "free_form"})
 WARNING_REASONS = frozenset({"box_overhang", "unused_box", "unanswered_turn"})
 
 
@@ -354,6 +356,7 @@ class CheckedRecord:
     turns: list[dict] = field(default_factory=list)
     boxes: list[list[Box]] = field(default_factory=list)
     masks: list[list[np.ndarray | None]] = field(default_factory=list)
+    refer_as: list[str | None] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -475,8 +478,19 @@ def check_record(
     if has_image and IMAGE_TOKEN not in texts[0]:
         problems.append(Problem("missing_image_token", f"the first human turn has no {IMAGE_TOKEN}", 0))
 
-    # -- boxes
+    # -- how each human turn refers to its regions (written by `ferret data build`; optional)
     n = len(turns)
+    refer_as = record.get("refer_as")
+    out.refer_as = [None] * n
+    if refer_as is not None:
+        if not isinstance(refer_as, list) or len(refer_as) != n or any(
+                form is not None and form not in REFER_FORMS for form in refer_as):
+            problems.append(Problem("bad_refer_as", f"refer_as must hold one entry per turn ({n}), each one of "
+                                    f"{sorted(REFER_FORMS)} or null, got {str(refer_as)[:80]}"))
+        else:
+            out.refer_as = list(refer_as)
+
+    # -- boxes
     out.boxes = [[] for _ in range(n)]
     out.masks = [[] for _ in range(n)]
     raw_boxes = record.get("box_x1y1x2y2") if dtype.location_instruction else None
@@ -849,7 +863,10 @@ class GritDataset(torch.utils.data.Dataset):
                 within.append(None)
                 continue
             points = {}
-            as_point = bool(rng.integers(2))  # once per human turn, covering all its regions
+            coin = bool(rng.integers(2))  # once per human turn, covering all its regions
+            form = checked.refer_as[t] if t < len(checked.refer_as) else None
+            # a record built with a drawn form keeps it; a free-form region is its box limited by its mask
+            as_point = coin if form is None else form == "point"
             turn_regions: list[Region] = []
             turn_within: list[Any] = []
             for box, mask in zip(boxes, checked.masks[t]):
