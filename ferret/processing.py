@@ -602,8 +602,8 @@ class FerretProcessor:
             cursor += round_len
         labels[cursor:] = [IGNORE_INDEX] * len(labels[cursor:])
         if cursor < self.model_max_length and cursor != total:
-            open_turn = bool(conv.messages) and conv.messages[-1][1] is None  # inference: nothing to supervise
-            (logger.debug if open_turn else logger.warning)("%stokenization mismatch: the rounds count %d tokens, the sequence has %d; no token of "
+            training = bool(conv.messages) and conv.messages[-1][0] == conv.roles[1] and bool(conv.messages[-1][1])
+            (logger.warning if training else logger.debug)("%stokenization mismatch: the rounds count %d tokens, the sequence has %d; no token of "
                            "this sample is supervised (as in the original)", where, cursor, total)
             labels = [IGNORE_INDEX] * len(labels)
         return labels
