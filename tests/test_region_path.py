@@ -155,3 +155,21 @@ def test_checkpoint_config_says_whether_it_reads_region_features(tmp_path):
     assert reads_region_features(str(tmp_path))
     with pytest.raises(ValueError, match="no config.json"):
         reads_region_features(str(tmp_path / "missing"))
+
+
+def test_a_foreign_sentencepiece_model_is_refused(processor):
+    from pathlib import Path
+
+    other = (Path(__file__).parent / "fixtures" / "llama_test_tokenizer.model").read_bytes()
+    with pytest.raises(ValueError, match="tokenizer.model has 512 pieces but the tokenizer only 321 tokens"):
+        processing.FerretProcessor(processor.tokenizer, sentencepiece_model=other)
+    # Same size, other pieces: named by the first id that differs.
+    import sentencepiece
+
+    proto = sentencepiece.SentencePieceProcessor(model_proto=processor.prompt_tokenizer.sentencepiece_model)
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto.FromString(proto.serialized_model_proto())
+    model.pieces[300].piece = "▁zzz"
+    with pytest.raises(ValueError, match="does not belong to this tokenizer: id 300 is '▁zzz'"):
+        processing.FerretProcessor(processor.tokenizer, sentencepiece_model=model.SerializeToString())

@@ -100,6 +100,7 @@ def test_fixture_is_what_the_test_expects():
     import hashlib
 
     assert FIXTURE["versions"]["transformers"] == "4.31.0" and FIXTURE["tokenizer_class"] == "LlamaTokenizer"
+    assert "tokenizer.model" in FIXTURE["checkpoint_files"]  # the original saves (and needs) the SentencePiece model
     assert FIXTURE["tokenizer_model_sha256"] == hashlib.sha256(SP_MODEL.read_bytes()).hexdigest()
     assert len(CASES) >= 30
     # The stripping rule the fixture pins, read from the recorded pieces: no "▁" before <region_fea>, and the
@@ -129,3 +130,18 @@ def test_saved_folder_round_trip_keeps_ids(processor, tmp_path):
     loaded = FerretProcessor.from_pretrained(str(tmp_path))
     for case in CASES:
         assert _encode(loaded, case) == (case["input_ids"], case["labels"]), case["name"]
+
+
+@pytest.mark.parametrize("legacy", ["as_saved", "absent"])
+def test_original_checkpoint_folder_loads_with_the_original_ids(tmp_path, legacy):
+    """A tokenizer folder exactly as the original's training saved it (files recorded by the fixture script; 4.31
+    writes ``legacy: true``, Vicuna v1.3's own files have no ``legacy``), loaded the README's way."""
+    for name, content in FIXTURE["checkpoint_json_files"].items():
+        if name == "tokenizer_config.json" and legacy == "absent":
+            content = {k: v for k, v in content.items() if k != "legacy"}
+        (tmp_path / name).write_text(json.dumps(content))
+    shutil.copyfile(SP_MODEL, tmp_path / "tokenizer.model")
+    processor = FerretProcessor.from_pretrained(str(tmp_path), image_size=28, num_image_tokens=NUM_IMAGE_TOKENS)
+    assert processor.region_token_id == FIXTURE["region_token_id"]
+    for case in CASES:
+        assert _encode(processor, case) == (case["input_ids"], case["labels"]), case["name"]

@@ -303,7 +303,8 @@ def record(args):
         training, serving, checkpoint = load_tokenizers(args.model, Path(tmp))
         assert type(training).__name__ == "LlamaTokenizer", type(training)
         saved_files = sorted(p.name for p in checkpoint.iterdir())
-        saved_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+        saved = {name: json.loads((checkpoint / name).read_text())
+                 for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")}
         cases = []
         for case in CASES:
             prompt = build_prompt(case)
@@ -335,7 +336,7 @@ def record(args):
         "region_token_id": training.convert_tokens_to_ids(REGION_TOKEN),
         "vocab_size": len(training),
         "checkpoint_files": saved_files,
-        "checkpoint_tokenizer_config": saved_config,
+        "checkpoint_json_files": saved,
         "cases": cases,
     }
     Path(args.out).write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
