@@ -59,7 +59,7 @@ class PromptTokenizer:
     2. removes the whitespace on both sides of an added token; the special tokens keep theirs, as the LLaMA
        tokenizer registers them as non-stripping (measured: ``"a <unk> b"`` -> ``a ▁ <unk> ▁▁b``);
     3. encodes each remaining piece of text with SentencePiece on its own, so each starts with the dummy prefix:
-       ``"... [1, 2] <region_fea>? ..."`` -> ``… ] <region_fea> ▁? …``, never a ``▁`` before ``<region_fea>`` and
+       ``"... [1, 2] <region_fea>? ..."`` -> ``… ] <region_fea> ▁? …``: never a ``▁`` before ``<region_fea>``,
        never a ``?`` without its ``▁``.
 
     ``encode_prompt`` adds the original's ``tokenizer_image_token``: the prompt is split on ``<image>``, each chunk
@@ -70,7 +70,7 @@ class PromptTokenizer:
     steps itself and takes only the vocabulary from the tokenizer. Pieces are encoded by SentencePiece from the
     checkpoint's ``tokenizer.model`` (the original's own encoder) when it is known; without one, SentencePiece's
     normalisation is applied here and the fast tokenizer's BPE model encodes the result (the same ids for LLaMA
-    tokenizers converted from a SentencePiece model).
+    tokenizers converted from a SentencePiece model). The added tokens are read from the tokenizer once, here.
     """
 
     def __init__(self, tokenizer, sentencepiece_model: bytes | None = None):
@@ -133,7 +133,13 @@ class PromptTokenizer:
         # SentencePiece's own normalisation (dummy prefix, spaces as "▁"), then the tokenizer's subword model on
         # the whole piece. The tokenizer's pre-tokenizer is bypassed: it does not add the prefix to a piece that
         # already starts with a space.
-        return [token.id for token in self._subword_model.tokenize(SPIECE_UNDERLINE + text.replace(" ", SPIECE_UNDERLINE))]
+        normalised = SPIECE_UNDERLINE + text.replace(" ", SPIECE_UNDERLINE)
+        return [token.id for token in self._subword_model.tokenize(normalised)]
+
+    @property
+    def sentencepiece_size(self) -> int | None:
+        """Pieces in tokenizer.model (ids below it are SentencePiece's; added tokens follow), or None."""
+        return self._sp.get_piece_size() if self._sp is not None else None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """BOS + the ids of each ``<image>``-separated chunk, one IMAGE_TOKEN_INDEX between chunks."""
@@ -319,7 +325,7 @@ class FerretProcessor:
         if sp_model is not None:
             with open(os.path.join(path, TOKENIZER_MODEL), "wb") as f:
                 f.write(sp_model)
-            base_size = self.prompt_tokenizer._sp.get_piece_size()
+            base_size = self.prompt_tokenizer.sentencepiece_size
         else:
             logger.warning("%s: no tokenizer.model to save; the original code cannot load this folder", path)
             base_size = self.tokenizer.vocab_size
@@ -357,7 +363,7 @@ class FerretProcessor:
 
     def _extra_tokens(self, base_size: int) -> dict[str, int]:
         """Tokens with ids at or beyond ``base_size`` (``<region_fea>`` and other added tokens), in id order."""
-        added = {token: token_id for token, token_id in self.tokenizer.get_added_vocab().items() if token_id >= base_size}
+        added = {token: i for token, i in self.tokenizer.get_added_vocab().items() if i >= base_size}
         return dict(sorted(added.items(), key=lambda item: item[1]))
 
     # ------------------------------------------------------------------ images
@@ -430,8 +436,7 @@ class FerretProcessor:
         pieces.append(text[cursor:])
         return "".join(pieces), masks
 
-    def _check_turns(self, turns: Sequence[dict[str, Any]], regions, region_feature: bool,
-                     where: str) -> list[tuple[int, str]]:
+    def _check_turns(self, turns: Sequence[dict[str, Any]], region_feature: bool, where: str) -> list[tuple[int, str]]:
         """(role, text) per turn, after checking roles, texts and the total number of masks to be built."""
         checked = []
         n_masks = 0
@@ -453,8 +458,6 @@ class FerretProcessor:
         if n_masks > self.max_regions:
             raise ValueError(f"{where}the conversation has {n_masks} region placeholders in user turns; the limit "
                              f"is {self.max_regions} (max_regions)")
-        if regions is not None and len(regions) > len(turns):
-            raise ValueError(f"{where}got regions for {len(regions)} turns but the conversation has {len(turns)}")
         return checked
 
     def encode(
@@ -491,7 +494,7 @@ class FerretProcessor:
             image_size = image.size
         if image_size is None:
             raise ValueError(f"{where}pass the image or its size")
-        checked = self._check_turns(turns, regions, region_feature, where)
+        checked = self._check_turns(turns, region_feature, where)
         frame = self.frame(*image_size)
         conv = get_template(self.conv_template)
         all_masks: list[np.ndarray] = []
@@ -602,9 +605,11 @@ class FerretProcessor:
             cursor += round_len
         labels[cursor:] = [IGNORE_INDEX] * len(labels[cursor:])
         if cursor < self.model_max_length and cursor != total:
+            # Worth a warning for a training sample (it ends with an answer); an inference prompt has none.
             training = bool(conv.messages) and conv.messages[-1][0] == conv.roles[1] and bool(conv.messages[-1][1])
-            (logger.warning if training else logger.debug)("%stokenization mismatch: the rounds count %d tokens, the sequence has %d; no token of "
-                           "this sample is supervised (as in the original)", where, cursor, total)
+            log = logger.warning if training else logger.debug
+            log("%stokenization mismatch: the rounds count %d tokens, the sequence has %d; no token of this sample "
+                "is supervised (as in the original)", where, cursor, total)
             labels = [IGNORE_INDEX] * len(labels)
         return labels
 
