@@ -184,6 +184,20 @@ class Frame:
             return region
         return R.shift_region(region, self.left, self.top, self.canvas_width, self.canvas_height)
 
+    def within_to_canvas(self, within: np.ndarray | R.Box | None, region: R.Region) -> np.ndarray | R.Box | None:
+        """A mask [H, W] or Box limiting ``region``'s feature mask, moved from the image onto the canvas."""
+        if within is None or isinstance(within, R.Box):
+            return None if within is None else self.to_canvas(within)
+        within = np.asarray(within)
+        if within.shape != (self.height, self.width):
+            raise ValueError(f"`within` mask for {region!r} has shape {within.shape}, expected [H, W] = "
+                             f"[{self.height}, {self.width}]")
+        return within if self.is_identity else self.to_canvas(R.FreeForm(within)).mask
+
+    @property
+    def is_identity(self) -> bool:
+        return self.left == self.top == 0 and (self.canvas_width, self.canvas_height) == (self.width, self.height)
+
     def to_image(self, region: R.Region) -> R.Region:
         if self.left == self.top == 0 and (self.canvas_width, self.canvas_height) == (self.width, self.height):
             return region
@@ -401,8 +415,9 @@ class FerretProcessor:
         limits region k's mask, as the original does for points sampled from a box or a segmentation.
 
         Every placeholder is checked against ``turn_regions`` and the number of masks against ``max_regions``
-        before any mask is built. Masks are bool, in pixels of the image (``frame.width`` x ``frame.height``),
-        on a coarser grid for images larger than ``max_mask_side`` (``regions.region_mask``).
+        before any mask is built. Masks are bool [h, w] on the model-input canvas, where the sampler reads them:
+        the image itself for ``square_nocrop`` (the original's masks exactly), the padded square for ``pad``; on a
+        coarser grid when that is larger than ``max_mask_side`` (``regions.region_mask``).
         ``build_masks=False`` returns only the text.
         """
         if REGION_TOKEN in text:
@@ -422,11 +437,14 @@ class FerretProcessor:
         for start, end, k in found:
             region = turn_regions[k]
             try:
-                replacement = R.placeholder_text(frame.to_canvas(region), frame.canvas_width, frame.canvas_height,
+                R.validate_region(region, frame.width, frame.height)
+                on_canvas = frame.to_canvas(region)
+                replacement = R.placeholder_text(on_canvas, frame.canvas_width, frame.canvas_height,
                                                  is_user, region_feature, no_coor)
                 if wants_masks:
                     context = within[k] if within is not None and k < len(within) else None
-                    masks.append(R.region_mask(region, frame.width, frame.height, within=context,
+                    masks.append(R.region_mask(on_canvas, frame.canvas_width, frame.canvas_height,
+                                               within=frame.within_to_canvas(context, region),
                                                max_side=self.max_mask_side))
             except ValueError as err:
                 raise ValueError(f"{where}region {k} ({text[start:end]}): {err}") from err
@@ -487,8 +505,9 @@ class FerretProcessor:
 
         Returns:
             dict with ``input_ids`` [L] (image positions = IMAGE_TOKEN_INDEX), ``labels`` [L], ``images`` [3, S, S]
-            or None, ``region_masks`` (list of bool [h, w] tensors; [H, W] of the image unless it is larger than
-            ``max_mask_side``), ``image_size`` (W, H).
+            or None, ``region_masks`` (list of bool [h, w] tensors on the model-input canvas: [H, W] of the image
+            for ``square_nocrop``, the padded square for ``pad``, coarser above ``max_mask_side``; see
+            ``format_turn``), ``image_size`` (W, H).
         """
         if image is not None:
             image_size = image.size
@@ -533,7 +552,8 @@ class FerretProcessor:
     def encode_prompt(self, prompt: str, image: Image.Image | None = None,
                       region_masks: Sequence[np.ndarray | torch.Tensor] = (), where: str = "") -> dict[str, Any]:
         """An already templated prompt (as the original worker receives it: ``<image>`` and ``<region_fea>`` in the
-        text, one mask [H, W] per ``<region_fea>``) -> model inputs. Nothing is supervised."""
+        text, one mask [H, W] of the image per ``<region_fea>``) -> model inputs. Nothing is supervised. The masks
+        come back like ``encode``'s: on the model-input canvas, bounded by ``max_mask_side``."""
         n_images = prompt.count(IMAGE_TOKEN)
         if n_images != (1 if image is not None else 0):
             raise ValueError(f"{where}the prompt has {n_images} {IMAGE_TOKEN} but {int(image is not None)} image(s)")
@@ -543,12 +563,17 @@ class FerretProcessor:
         if n_regions > self.max_regions:
             raise ValueError(f"{where}the prompt has {n_regions} {REGION_TOKEN}; the limit is {self.max_regions} "
                              "(max_regions)")
-        masks = [torch.as_tensor(np.asarray(m, dtype=bool)) for m in region_masks]
+        masks = [np.asarray(torch.as_tensor(m).cpu() if torch.is_tensor(m) else m, dtype=bool) for m in region_masks]
         if image is not None:
+            frame = self.frame(*image.size)
             for k, m in enumerate(masks):
                 if m.shape != (image.size[1], image.size[0]) or not m.any():
                     raise ValueError(f"{where}region mask {k} must be a non-empty [H, W] = "
                                      f"[{image.size[1]}, {image.size[0]}] mask, got shape {tuple(m.shape)}")
+            # onto the model-input canvas and bounded in size, as format_turn's masks
+            masks = [R.region_mask(frame.to_canvas(R.FreeForm(m)), frame.canvas_width, frame.canvas_height,
+                                   max_side=self.max_mask_side) for m in masks]
+        masks = [torch.from_numpy(np.ascontiguousarray(m)) for m in masks]
         input_ids = self._expand_image(self.prompt_tokenizer.encode_prompt(prompt))
         if len(input_ids) > self.model_max_length:
             raise ValueError(f"{where}the prompt is {len(input_ids)} tokens; the limit is {self.model_max_length}")

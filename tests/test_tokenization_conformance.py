@@ -7,10 +7,10 @@ turn, text holding `</s>` / `<s>` / `<unk>`, training and generation prompts) wi
 SentencePiece model (tests/fixtures/llama_test_tokenizer.model). It was recorded once, outside this project's
 environment, with
 
-    python3 -m venv /work/oldstack
-    /work/oldstack/bin/pip install torch==2.13.0 transformers==4.31.0 tokenizers==0.13.3 \
+    python3 -m venv /tmp/oldstack
+    /tmp/oldstack/bin/pip install torch==2.13.0 transformers==4.31.0 tokenizers==0.13.3 \
         sentencepiece==0.1.99 protobuf==3.20.3 "numpy<2"
-    /work/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py
+    /tmp/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py
 
 (the script's docstring says what it does, step by step, the original's way). The test feeds the processor the
 same conversations (turns with placeholders, regions in pixels), so the template, the coordinate text and the

@@ -2,10 +2,10 @@
 
 Runs in a throwaway virtual environment holding the original's tokenizer stack (it does not import ferret):
 
-    python3 -m venv /work/oldstack
-    /work/oldstack/bin/pip install torch==2.13.0 transformers==4.31.0 tokenizers==0.13.3 \
+    python3 -m venv /tmp/oldstack
+    /tmp/oldstack/bin/pip install torch==2.13.0 transformers==4.31.0 tokenizers==0.13.3 \
         sentencepiece==0.1.99 protobuf==3.20.3 "numpy<2"
-    /work/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py \
+    /tmp/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py \
         --model tests/fixtures/llama_test_tokenizer.model --out tests/fixtures/tokenizer_conformance.json
 
 What it does, step by step, the way the original code does it:

@@ -1,7 +1,7 @@
 """Save a FerretProcessor built on the test SentencePiece model, for the original's stack to load.
 
     PYTHONPATH=. python scripts/conformance/save_processor_folder.py /tmp/ferret_saved
-    /work/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py --check-saved /tmp/ferret_saved
+    /tmp/oldstack/bin/python scripts/conformance/record_tokenizer_fixture.py --check-saved /tmp/ferret_saved
 
 The second command (transformers 4.31's slow LlamaTokenizer, loaded as the original's model builder does) writes
 tests/fixtures/saved_folder_in_transformers_4_31.json: whether that folder gives the recorded ids for every
