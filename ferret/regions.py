@@ -13,8 +13,8 @@ This module owns everything that knows Ferret's coordinate grid and the way coor
   that replaces one in the prompt (``"[x1, y1, x2, y2] <region_fea>"`` in a user turn, the coordinates alone
   in an answer).
 * ``region_mask`` builds the boolean feature mask of a region, shaped ``[H, W]`` (row = y), following the
-  original's rules ("Region masks used for features" in the project's reference notes); for images larger
-  than ``max_side`` it builds it on a coarser grid (``mask_stride``).
+  original's rules (an 11 x 11 window for a point, the box, the shape; each limited by a segmentation when one
+  is given); for images larger than ``max_side`` it builds it on a coarser grid (``mask_stride``).
 
 Nothing else in the package should format or parse a coordinate, or name the grid size.
 """
