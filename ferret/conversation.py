@@ -1,7 +1,8 @@
-"""Chat templates. `ferret_v1` (alias `v1`) is reproduced exactly as the original (REFERENCE §3.3).
+"""Chat templates. `ferret_v1` (alias `v1`) is reproduced exactly as the original.
 
 A prompt is ``system + sep``, then for each message ``ROLE: text`` followed by ``sep`` after a user turn and
-``sep2`` (``</s>``) after an assistant turn. An open assistant turn is written ``ASSISTANT:``.
+``sep2`` (``</s>``) after an assistant turn. An open assistant turn (``None``) is written ``ASSISTANT:``; so is an
+empty message, as in the original.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Conversation:
         seps = (self.sep, self.sep2)
         pieces: list[tuple[str, bool]] = [(self.system + self.sep, False)]
         for i, (role, message) in enumerate(self.messages):
-            if message is None:
+            if not message:  # None (an open turn) or "" are written the same way in the original
                 pieces.append((f"{role}:", False))
                 continue
             is_answer = role == self.roles[1]

@@ -8,8 +8,13 @@ This module owns everything that knows Ferret's coordinate grid and the way coor
   0..999) that the model reads and writes, truncating exactly as the original does.
 * ``region_to_text`` writes ``"[x, y]"`` or ``"[x1, y1, x2, y2]"``; ``parse_regions`` reads them back out of
   generated text, robustly; ``strip_regions`` removes them.
+* ``PLACEHOLDER`` / ``find_placeholders`` / ``placeholder_text``: the placeholders ``<region{k}>`` (and the
+  original data's ``<bbox_location{k}>``) that name the k-th region of a turn in a conversation, and the text
+  that replaces one in the prompt (``"[x1, y1, x2, y2] <region_fea>"`` in a user turn, the coordinates alone
+  in an answer).
 * ``region_mask`` builds the boolean feature mask of a region, shaped ``[H, W]`` (row = y), following the
-  original's rules (REFERENCE §2, "Region masks used for features").
+  original's rules (an 11 x 11 window for a point, the box, the shape; each limited by a segmentation when one
+  is given); for images larger than ``max_side`` it builds it on a coarser grid (``mask_stride``).
 
 Nothing else in the package should format or parse a coordinate, or name the grid size.
 """
@@ -51,6 +56,11 @@ __all__ = [
     "parse_regions",
     "strip_regions",
     "shift_region",
+    "PLACEHOLDER",
+    "placeholder",
+    "find_placeholders",
+    "placeholder_text",
+    "mask_stride",
 ]
 
 
@@ -382,8 +392,18 @@ def validate_region(region: Region, width: int, height: int) -> None:
         raise ValueError(f"expected a Point, Box or FreeForm region, got {type(region).__name__}: {_short(region)}")
 
 
+def mask_stride(width: int, height: int, max_side: int | None) -> int:
+    """Pixels per mask cell along each axis: 1 when both sides are at most ``max_side`` (or ``max_side`` is None),
+    else ``ceil(max(width, height) / max_side)``, so that the mask's longer side is at most ``max_side``."""
+    _check_image_size(width, height)
+    if max_side is None:
+        return 1
+    _check_size(max_side, "max_side")
+    return max(1, -(-max(width, height) // max_side))
+
+
 def region_mask(
-    region: Region, width: int, height: int, within: np.ndarray | Box | None = None
+    region: Region, width: int, height: int, within: np.ndarray | Box | None = None, max_side: int | None = None
 ) -> np.ndarray:
     """The boolean feature mask of a region, shaped ``[height, width]`` (row = y).
 
@@ -393,22 +413,30 @@ def region_mask(
       the box alone is used and a warning is logged.
     * FreeForm: its bbox intersected with its shape, i.e. the shape's pixels. ``within`` is not used.
 
+    Size: when ``max_side`` is given and the image is larger than it (either side), the mask is built on a grid
+    of ``s x s``-pixel cells, ``s = mask_stride(width, height, max_side)``, shaped
+    ``[ceil(height / s), ceil(width / s)]``: a cell is set when the region's pixel mask above would set any pixel
+    in it (boxes and point windows are mapped cell-wise, shapes and ``within`` masks are max-pooled). Images no
+    larger than ``max_side`` get exactly the pixel mask. The sampler reads a mask in its own normalised
+    coordinates, so a coarser mask selects the same part of the image.
+
     Raises ValueError naming the region when it lies outside the image or the resulting mask is empty.
     """
     validate_region(region, width, height)
-    within_mask = None if within is None else _within_mask(within, width, height, region)
+    stride = mask_stride(width, height, max_side)
+    within_mask = None if within is None else _within_mask(within, width, height, region, stride)
 
     if isinstance(region, FreeForm):
-        box = region.bbox
-        mask = _box_mask(box, width, height) & region.mask
+        # bbox & shape is the shape itself; pooling it keeps every cell the shape touches.
+        mask = _pool_any(region.mask, stride)
     elif isinstance(region, Point):
         x, y = int(region.x), int(region.y)
-        mask = np.zeros((height, width), dtype=bool)
-        mask[max(y - POINT_SPAN, 0) : y + POINT_SPAN + 1, max(x - POINT_SPAN, 0) : x + POINT_SPAN + 1] = True
+        window = Box(max(x - POINT_SPAN, 0), max(y - POINT_SPAN, 0), x + POINT_SPAN, y + POINT_SPAN)
+        mask = _box_mask(window, width, height, stride)
         if within_mask is not None:
             mask &= within_mask
     else:
-        mask = _box_mask(region, width, height)
+        mask = _box_mask(region, width, height, stride)
         if within_mask is not None:
             overlap = mask & within_mask
             if overlap.any():
@@ -424,21 +452,32 @@ def region_mask(
     return mask
 
 
-def _box_mask(box: Box, width: int, height: int) -> np.ndarray:
+def _box_mask(box: Box, width: int, height: int, stride: int = 1) -> np.ndarray:
     box = clamp_box(box, width, height)
-    x1, y1, x2, y2 = int(box.x1), int(box.y1), int(box.x2), int(box.y2)
-    mask = np.zeros((height, width), dtype=bool)
+    x1, y1, x2, y2 = (int(v) // stride for v in (box.x1, box.y1, box.x2, box.y2))
+    mask = np.zeros((-(-height // stride), -(-width // stride)), dtype=bool)
     mask[y1 : y2 + 1, x1 : x2 + 1] = True
     return mask
 
 
-def _within_mask(within: np.ndarray | Box, width: int, height: int, region: Region) -> np.ndarray:
+def _pool_any(mask: np.ndarray, stride: int) -> np.ndarray:
+    """[H, W] bool -> [ceil(H / s), ceil(W / s)]: a cell is True when any of its pixels is."""
+    if stride == 1:
+        return np.array(mask, dtype=bool, copy=True)
+    height, width = mask.shape
+    rows, cols = -(-height // stride), -(-width // stride)
+    padded = np.zeros((rows * stride, cols * stride), dtype=bool)
+    padded[:height, :width] = mask
+    return padded.reshape(rows, stride, cols, stride).any(axis=(1, 3))
+
+
+def _within_mask(within: np.ndarray | Box, width: int, height: int, region: Region, stride: int = 1) -> np.ndarray:
     if isinstance(within, Box):
         try:
             validate_region(within, width, height)
         except ValueError as exc:
             raise ValueError(f"`within` box for {region!r} is unusable: {exc}") from exc
-        return _box_mask(within, width, height)
+        return _box_mask(within, width, height, stride)
     within = np.asarray(within)
     if within.shape != (height, width):
         raise ValueError(
@@ -448,11 +487,42 @@ def _within_mask(within: np.ndarray | Box, width: int, height: int, region: Regi
         if not (np.issubdtype(within.dtype, np.integer) or np.issubdtype(within.dtype, np.floating)):
             raise ValueError(f"`within` mask for {region!r} must be bool or numeric, got dtype {within.dtype}")
         within = within != 0
-    return within
+    return _pool_any(within, stride) if stride > 1 else within
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Text
+
+
+# Placeholders in conversations: ``<region{k}>`` (the API's spelling) or ``<bbox_location{k}>`` (the original
+# data's) name the k-th region of the turn they are in.
+PLACEHOLDER = re.compile(r"<(?:region|bbox_location)(\d+)>")
+
+
+def placeholder(k: int) -> str:
+    """The placeholder that names region ``k`` of a turn: ``<region{k}>``."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"a region index must be a non-negative integer, got {k!r}")
+    return f"<region{int(k)}>"
+
+
+def find_placeholders(text: str) -> list[tuple[int, int, int]]:
+    """Every placeholder in ``text`` in order, as ``(start, end, k)`` (``end`` exclusive). Reads no region."""
+    return [(m.start(), m.end(), int(m.group(1))) for m in PLACEHOLDER.finditer(text)]
+
+
+def placeholder_text(region: Region, width: int, height: int, is_user: bool, region_feature: bool = True,
+                     no_coor: bool = False) -> str:
+    """The prompt text that replaces a placeholder, as the original writes it.
+
+    In a user turn with region features: ``"[x1, y1, x2, y2] <region_fea>"`` (a point ``"[x, y] <region_fea>"``;
+    ``"<region_fea>"`` alone with ``no_coor``). In an answer, or without region features: the coordinates alone
+    (``""`` with ``no_coor``). Coordinates are on the grid of a ``width`` x ``height`` image (``region_to_text``).
+    """
+    if no_coor:
+        return REGION_TOKEN if is_user and region_feature else ""
+    coords = region_to_text(region, width, height)
+    return f"{coords} {REGION_TOKEN}" if is_user and region_feature else coords
 
 
 @dataclass

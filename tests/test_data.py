@@ -235,7 +235,8 @@ def test_center_mode_through_the_dataset(tmp_path, processor):
     assert example.within[0][0] == Box(*box)  # the window misses the segmentation, so the box limits it
     mask = dataset[i]["region_masks"][0].numpy()
     assert mask.sum() == 121 and mask[29, 29]
-    assert "[368, 491] <region_fea>" in text_of(processor, dataset[i]["input_ids"])
+    # decoded ids: the original token stream has no "▁" before <region_fea>, its next piece starts with one
+    assert "[368, 491]<region_fea> ?" in text_of(processor, dataset[i]["input_ids"])
 
 
 def test_refer_previous_point(tmp_path, processor):
@@ -251,7 +252,7 @@ def test_refer_previous_point(tmp_path, processor):
     assert example.regions == [[point, point], [point]]
     text = text_of(processor, dataset[i]["input_ids"])
     point_text = region_to_text(point, W, H)
-    assert text.count(f"{point_text} <region_fea>") == 2
+    assert text.count(f"{point_text}<region_fea>") == 2  # decoded: no "▁" before <region_fea>
     assert f"ASSISTANT: {point_text} is the same.</s>" in text
     # A human turn given as boxes leaves the gpt turn's box a box.
     i, example = find_example(dataset, lambda e: isinstance(e.regions[0][0], Box))
@@ -273,7 +274,7 @@ def test_no_coor(tmp_path, processor):
     path = write_json(tmp_path / "vg_object.json", [rec])
     item = GritDataset([path], [str(tmp_path)], processor, DataOptions(no_coor=True))[0]
     text = text_of(processor, item["input_ids"])
-    assert "What is <region_fea>?" in text and "ASSISTANT: a dog </s>" in text
+    assert "What is<region_fea> ?" in text and "ASSISTANT: a dog </s>" in text  # decoded original ids
     assert len(item["region_masks"]) == 1
     with pytest.raises(ValueError, match="no_coor needs add_region_feature"):
         DataOptions(no_coor=True, add_region_feature=False)

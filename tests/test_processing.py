@@ -65,8 +65,8 @@ def test_region_placeholders_in_user_and_assistant_turns(processor):
     regions = [[Box(20, 10, 99, 49), Point(150, 50)], [Box(0, 0, 199, 99)]]
     out = processor.encode(turns, image, regions=regions)
     text = processor.tokenizer.decode([t for t in out["input_ids"].tolist() if t >= 0])
-    assert "[100, 100, 495, 490] <region_fea>" in text
-    assert "[750, 500] <region_fea>" in text
+    # The original's token stream: no "▁" token before <region_fea>, so the decoded text has no space there.
+    assert "[100, 100, 495, 490]<region_fea> next to [750, 500]<region_fea> ?" in text
     assert "a dog [0, 0, 995, 990]" in text
     assert int((out["input_ids"] == processor.region_token_id).sum()) == 2
     box_mask, point_mask = out["region_masks"]
@@ -80,7 +80,7 @@ def test_no_coor_and_coordinates_only(processor):
     regions = [[Box(0, 0, 9, 9)], [Box(0, 0, 9, 9)]]
     out = processor.encode(turns, _image(), regions=regions, no_coor=True)
     text = processor.tokenizer.decode([t for t in out["input_ids"].tolist() if t >= 0])
-    assert "What is <region_fea>?" in text and "[0, 0, 45, 90]" not in text
+    assert "What is<region_fea> ?" in text and "[0, 0, 45, 90]" not in text
     out = processor.encode(turns, _image(), regions=regions, region_feature=False)
     assert out["region_masks"] == [] and int((out["input_ids"] == processor.region_token_id).sum()) == 0
 
@@ -151,8 +151,21 @@ def test_pad_mode_regions_round_trip(processor):
     out = processor.encode([{"from": "human", "value": "What is <region0>?"}], image,
                            regions=[[Box(0, 0, 99, 49)]], add_generation_prompt=True)
     text = processor.tokenizer.decode([t for t in out["input_ids"].tolist() if t >= 0])
-    assert "[0, 250, 495, 495] <region_fea>" in text
-    assert out["region_masks"][0].shape == (100, 200)
+    assert "[0, 250, 495, 495]<region_fea> ?" in text
+    # The mask lies on the padded square the sampler reads: rows 50..99 there are the image's rows 0..49.
+    mask = out["region_masks"][0]
+    assert mask.shape == (200, 200) and int(mask.sum()) == 100 * 50
+    assert bool(mask[50, 0]) and bool(mask[99, 99]) and not bool(mask[49, 0]) and not bool(mask[100, 0])
+    # A segmentation limiting the box moves with it; a raw prompt's image-sized mask is placed the same way.
+    seg = np.zeros((100, 200), bool)
+    seg[0:10, 0:10] = True
+    limited = processor.encode([{"from": "human", "value": "What is <region0>?"}], image,
+                               regions=[[Box(0, 0, 99, 49)]], within=[[seg]], add_generation_prompt=True)
+    assert torch.equal(limited["region_masks"][0].nonzero().min(0).values, torch.tensor([50, 0]))
+    assert int(limited["region_masks"][0].sum()) == 100
+    raw = processor.encode_prompt("USER: <image>\nWhat is [0, 250, 495, 495] <region_fea>? ASSISTANT:", image,
+                                  [(np.arange(100)[:, None] < 50) & (np.arange(200)[None, :] < 100)])
+    assert torch.equal(raw["region_masks"][0], mask)
     clean, found = processor.post_process("a dog [0, 250, 495, 495].", (200, 100))
     assert clean == "a dog."
     assert found[0].region == Box(0, 0, 99, 49)

@@ -66,7 +66,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ferret.conversation import FERRET_SYSTEM
-from ferret.regions import Box, FreeForm, Point, region_to_text
+from ferret.regions import PLACEHOLDER, Box, FreeForm, Point, region_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ YES, NO = "Yes", "No"
 # trained on them too and a prompt costs few tokens.
 ROLE_TEXTS: tuple[str, ...] = ("USER:", "ASSISTANT:")
 
-_PLACEHOLDER = re.compile(r"<bbox_location(\d+)>")
 _SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 
 
@@ -502,7 +501,7 @@ def world_corpus(records: Iterable[dict]) -> list[str]:
                     region = Point((x1 + x2) / 2, (y1 + y2) / 2) if as_point else Box(x1, y1, x2, y2)
                     return region_to_text(region, width, height)
 
-                return _PLACEHOLDER.sub(one, value)
+                return PLACEHOLDER.sub(one, value)
 
             texts.append(render(as_point=False))
             if message["from"] == "human" and boxes:

@@ -120,3 +120,56 @@ class FerretConfig(LlamaConfig):
         if "region_feature_axes" not in config_dict and "region_feature_axes" not in kwargs:
             config_dict = {**config_dict, "region_feature_axes": "transposed"}
         return super().from_dict(config_dict, **kwargs)
+
+
+def reads_region_features(config: FerretConfig | dict[str, Any] | str) -> bool:
+    """Whether a checkpoint's model reads region features, i.e. whether prompts for it should carry
+    ``<region_fea>`` tokens with masks (servers and the UI default to this; a flag may override it).
+
+    ``config`` is a FerretConfig, a config dict, or a checkpoint folder. The answer is True when the config turns
+    on the spatial-aware sampler (``region_geo_sampler``) or the original's adapter variant
+    (``region_fea_adapter``) and names a region token (``im_region_fea_token``), unless this project's
+    ``add_region_feature`` is false. For a folder whose config.json
+    has neither field, the weights decide: True when they hold sampler tensors (``model.region_geo_sampler.*``).
+    """
+    import json
+    import os
+
+    folder = None
+    if isinstance(config, str):
+        folder = config
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder}: no config.json, so it is not a checkpoint folder")
+        with open(path) as f:
+            config = json.load(f)
+    if isinstance(config, FerretConfig):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a FerretConfig, a config dict or a checkpoint folder, got {type(config).__name__}")
+    if config.get("im_region_fea_token") is None or config.get("add_region_feature") is False:
+        return False
+    if "region_geo_sampler" in config or "region_fea_adapter" in config:
+        return bool(config.get("region_geo_sampler")) or bool(config.get("region_fea_adapter"))
+    return folder is not None and _weights_have_sampler(folder)
+
+
+def _weights_have_sampler(folder: str) -> bool:
+    """True when the checkpoint's weight files name ``region_geo_sampler`` tensors (read from the index or the
+    safetensors header; no tensor is loaded)."""
+    import json
+    import os
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            with open(path) as f:
+                names = json.load(f).get("weight_map", {})
+            return any(".region_geo_sampler." in f".{name}" for name in names)
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return any(".region_geo_sampler." in f".{name}" for name in f.keys())
+    return False
