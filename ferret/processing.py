@@ -507,7 +507,8 @@ class FerretProcessor:
             dict with ``input_ids`` [L] (image positions = IMAGE_TOKEN_INDEX), ``labels`` [L], ``images`` [3, S, S]
             or None, ``region_masks`` (list of bool [h, w] tensors on the model-input canvas: [H, W] of the image
             for ``square_nocrop``, the padded square for ``pad``, coarser above ``max_mask_side``; see
-            ``format_turn``), ``image_size`` (W, H).
+            ``format_turn``), ``image_size`` (W, H), ``turn_texts`` (each turn as the model reads it, placeholders
+            replaced, ``<image>`` moved to the front of the first).
         """
         if image is not None:
             image_size = image.size
@@ -517,6 +518,7 @@ class FerretProcessor:
         frame = self.frame(*image_size)
         conv = get_template(self.conv_template)
         all_masks: list[np.ndarray] = []
+        formatted: list[str] = []
         for t, (role, text) in enumerate(checked):
             turn_regions = regions[t] if regions is not None and t < len(regions) else ()
             turn_within = within[t] if within is not None and t < len(within) else None
@@ -529,6 +531,7 @@ class FerretProcessor:
                     raise ValueError(f"{where}turn {t} has {IMAGE_TOKEN} but no image was given")
                 raise ValueError(f"{where}{IMAGE_TOKEN} may only appear in the first user turn (turn {t})")
             all_masks.extend(masks)
+            formatted.append(text)
             conv.append_message(conv.roles[role], text)
         if add_generation_prompt:
             if len(turns) % 2 != 1:
@@ -547,6 +550,7 @@ class FerretProcessor:
             "images": self.preprocess_image(image) if image is not None else None,
             "region_masks": [torch.from_numpy(np.ascontiguousarray(m)) for m in all_masks],
             "image_size": tuple(image_size),
+            "turn_texts": formatted,
         }
 
     def encode_prompt(self, prompt: str, image: Image.Image | None = None,

@@ -304,27 +304,19 @@ def _question(query: Query, image: Image.Image, processor: FerretProcessor, regi
 
 def encode_query(processor: FerretProcessor, query: Query, image: Image.Image, region_feature: bool = True,
                  no_coor: bool = False) -> tuple[str, dict[str, Any]]:
-    """(the question as the model reads it, the encoded sample) for one query, formatted and encoded once.
-
-    The processor formats the turn (coordinates, ``<region_fea>``, feature masks) once; the formatted turn goes
-    into the chat template and through ``encode_prompt`` with those masks, which gives the ids ``encode``
-    gives for the same conversation.
-    """
+    """(the question as the model reads it, the encoded sample) for one query: ``processor.encode`` of the
+    one-turn conversation, formatted and encoded once (masks on the model-input canvas)."""
     from ferret.constants import IMAGE_TOKEN
-    from ferret.conversation import get_template
 
     prompt, regions, within, query_no_coor = _question(query, image, processor, region_feature, no_coor)
     if query_no_coor and not region_feature:
         raise ValueError(f"{query.where}: no_coor needs region features: without both the question would not "
                          "locate the region")
     where = f"{query.where}: " if query.where else ""
-    text, masks = processor.format_turn(prompt, regions, processor.frame(*image.size), True, within,
-                                        region_feature, query_no_coor, where=where)
-    text = text.replace(IMAGE_TOKEN, "").strip()
-    conv = get_template(processor.conv_template)
-    conv.append_message(conv.roles[0], IMAGE_TOKEN + "\n" + text)
-    conv.append_message(conv.roles[1], None)
-    return text, processor.encode_prompt(conv.get_prompt(), image, masks, where=where)
+    sample = processor.encode([{"from": "human", "value": prompt}], image, regions=[regions],
+                              within=[within] if within is not None else None, add_generation_prompt=True,
+                              region_feature=region_feature, no_coor=query_no_coor, where=where)
+    return sample["turn_texts"][0].replace(IMAGE_TOKEN, "").strip(), sample
 
 
 def generate_batches(
