@@ -96,7 +96,7 @@ def test_status(server, worker):
     with httpx.Client(trust_env=False, timeout=10) as client:
         status = client.post(f"{server.url}/worker_get_status").json()
     assert status == {"model_names": ["tiny-ferret"], "speed": 1, "queue_length": 0, "limit_model_concurrency": 5,
-                      "context_length": 512, "image_aspect_ratio": "square_nocrop"}
+                      "context_length": 512, "image_aspect_ratio": "square_nocrop", "region_feature": True}
 
 
 def test_stream_protocol_matches_direct_generation(server, loaded):
@@ -422,7 +422,7 @@ def test_cli_flags_match_the_original():
                                           "--num-gpus", "2", "--add_region_feature", "--image_w", "336"])
     assert (args.host, args.port, args.limit_model_concurrency, args.stream_interval, args.device) == (
         "127.0.0.1", 21002, 5, 1, "auto")
-    assert args.multi_modal and args.keep_aspect_ratio and args.add_region_feature and not args.no_register
+    assert args.multi_modal and args.keep_aspect_ratio and args.region_feature is True and not args.no_register
     # the README's abbreviations are argparse prefixes
     short = build_arg_parser().parse_args(["--model-path", "m", "--worker", "http://a:1", "--controller", "http://b:2"])
     assert (short.worker_address, short.controller_address) == ("http://a:1", "http://b:2")
