@@ -410,7 +410,9 @@ def test_end_to_end_controller_worker_web(loaded, tmp_path):
                 (log_file,) = (tmp_path / "logs").glob("*-conv.json")
                 record = json.loads(log_file.read_text().splitlines()[-1])
                 assert record["finish"] >= record["start"] and record["model"] == "tiny-ferret"
-                assert "<region_fea>" in record["prompt"] and record["regions"][0]["type"] == "box"
+                assert record["messages"][0]["content"][0]["text"] == "What is <region0>?"
+                assert record["messages"][0]["content"][1]["image_url"] == {"url": "<image>"}
+                assert record["regions"][0]["type"] == "box"
                 assert os.path.isfile(record["image"])
             finally:
                 client.close()
