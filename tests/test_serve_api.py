@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import LoopbackServer, make_checkpoint, make_image, scripted_generate, wait_for
+from serve_helpers import LoopbackServer, make_checkpoint, make_image, rle_bomb, scripted_generate, wait_for
 
 from ferret import regions as R
 from ferret.model.builder import load_pretrained_model
@@ -418,7 +418,7 @@ def test_wrong_types_nesting_and_surrogates_get_400_in_openai_shape(chat):
 
 def test_rle_bomb_is_refused_in_milliseconds(chat):
     """An RLE declaring 10^6 x 10^6 pixels in 148 bytes is refused from its declared size, before decoding."""
-    bomb = {"type": "mask", "rle": {"size": [1_000_000, 1_000_000], "counts": "0" + "a" * 146 + "1"}}
+    bomb = rle_bomb()
     body = {"messages": [question(data_url(make_image()), regions=[bomb])], "max_tokens": 1}
     post(chat, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1})
     started = time.monotonic()

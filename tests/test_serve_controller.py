@@ -382,7 +382,8 @@ def test_registration_needs_the_secret_when_one_is_set():
 def test_controller_refuses_non_json_and_oversized_bodies():
     controller = Controller()
     with TestClient(create_app(controller, max_body_bytes=1000)) as client:
-        reply = client.post("/worker_generate_stream", content=b'{"model": "m"}', headers={"Content-Type": "text/plain"})
+        reply = client.post("/worker_generate_stream", content=b'{"model": "m"}',
+                            headers={"Content-Type": "text/plain"})
         assert reply.status_code == 415 and reply.json()["error_code"] == int(ErrorCode.BAD_REQUEST)
         reply = client.post("/worker_generate_stream", json={"model": "m", "prompt": "x" * 2000})
         assert reply.status_code == 413

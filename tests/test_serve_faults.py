@@ -28,6 +28,7 @@ from serve_helpers import (
     http_ok,
     make_checkpoint,
     make_image,
+    rle_bomb,
     scripted_generate,
     start_process,
     stop_process,
@@ -178,7 +179,7 @@ def test_hand_cases_through_the_worker(servers):
     _, worker_server, _, _ = servers
     url = f"{worker_server.url}/worker_generate_stream"
     good = valid_worker_body()
-    bomb = {"type": "mask", "rle": {"size": [1_000_000, 1_000_000], "counts": "0" + "a" * 146 + "1"}}
+    bomb = rle_bomb()
     cases = [
         ({**good, "messages": [{**good["messages"][0], "regions": [bomb]}]}, 422, "RLE 'size' is [H, W] = [1000000"),
         ({**good, "messages": nested(100)}, 400, "nested more than 32 levels"),

@@ -19,6 +19,7 @@ from serve_helpers import (
     free_port,
     make_checkpoint,
     make_image,
+    rle_bomb,
     scripted_generate,
     start_process,
     stop_process,
@@ -498,7 +499,7 @@ def test_ui_api_and_worker_feed_the_model_the_same_inputs(loaded, aspect, monkey
 def test_rle_bomb_gets_a_named_4xx_from_the_worker_in_milliseconds(server, worker):
     from ferret.serve.protocol import build_chat_payload, chat_messages
 
-    bomb = {"type": "mask", "rle": {"size": [1_000_000, 1_000_000], "counts": "0" + "a" * 146 + "1"}}
+    bomb = rle_bomb()
     chat = build_chat_payload(chat_messages([{"from": "human", "value": "What is <region0>?"}], make_image(),
                                             [[bomb]]), max_new_tokens=2)
     legacy = build_generate_payload(BOX_PROMPT, [make_image()], [bomb], max_new_tokens=2)

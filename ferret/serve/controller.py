@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import os
 import json
 import logging
+import os
 import queue
 import random
 import threading
