@@ -293,6 +293,18 @@ def test_image_decoding_of_jpeg_path_keeps_pixels(chat, image_dir, loaded, monke
 # ----------------------------------------------------------------------------------------- hostile clients
 
 
+def complete(reply: bytes) -> bool:
+    """Whether ``reply`` holds a whole HTTP response (headers and a Content-Length body)."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
+
+
 def raw_request(url: str, head: bytes, chunks, timeout: float = 20.0) -> tuple[int, bytes, int]:
     """Send ``head`` and then ``chunks`` on a raw socket, stopping as soon as the server answers or closes.
     Returns (status, reply, bytes of the body actually sent)."""
@@ -322,7 +334,7 @@ def raw_request(url: str, head: bytes, chunks, timeout: float = 20.0) -> tuple[i
         sock.setblocking(True)
         sock.settimeout(timeout)
         try:
-            while b"\r\n\r\n" not in reply:
+            while not complete(reply):
                 data = sock.recv(65536)
                 if not data:
                     break

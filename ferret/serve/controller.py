@@ -33,8 +33,6 @@ Run::
     python -m ferret.serve.controller --host 127.0.0.1 --port 21001 --dispatch-method shortest_queue
 """
 
-from __future__ import annotations
-
 import argparse
 import hmac
 import json
@@ -48,14 +46,16 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from pydantic import BaseModel, Field
-from starlette.requests import Request  # at module level: FastAPI resolves the handlers' string annotations here
+# httpx, pydantic, starlette and fastapi are imported where they are used, so that the controller starts (and
+# answers --help) fast. No `from __future__ import annotations` here: FastAPI reads the handlers' annotations.
 
 from ferret.constants import CONTROLLER_HEART_BEAT_EXPIRATION
 from ferret.serve.protocol import WORKER_SECRET_ENV, ErrorCode, StreamDecoder, encode_chunk, error_chunk
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Controller:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: httpx.Client | None = None
+        self._client: "httpx.Client | None" = None
 
     # ------------------------------------------------------------------ registry
 
@@ -262,7 +262,7 @@ class Controller:
             logger.warning("Worker %s taken out of rotation: %s", worker_name, why)
 
     def open_stream(self, params: Mapping[str, Any], headers: Mapping[str, str] | None = None
-                    ) -> ProxyError | ProxyStream:
+                    ) -> "ProxyError | ProxyStream":
         """Send a generation request to a worker and wait for its first message (at most
         ``first_token_timeout``). Returns the stream, or the ProxyError to answer with (see the module docstring)."""
         model = params.get("model")
@@ -270,6 +270,8 @@ class Controller:
         if not address:
             logger.info("No worker for model %r", model)
             return ProxyError(503, ErrorCode.NO_WORKER, f"no worker serves model {model!r}", {"Retry-After": "5"})
+        import httpx
+
         deadline = time.monotonic() + self.first_token_timeout
         upstream = _Upstream(self.client, f"{address.rstrip('/')}/worker_generate_stream", dict(params),
                              dict(headers or {}),
@@ -331,7 +333,9 @@ class Controller:
     # ------------------------------------------------------------------ plumbing
 
     @property
-    def client(self) -> httpx.Client:
+    def client(self) -> "httpx.Client":
+        import httpx
+
         with self._lock:
             if self._client is None:
                 # trust_env=False: a proxy set in the environment must not intercept calls to local workers
@@ -339,6 +343,8 @@ class Controller:
             return self._client
 
     def _http_worker_status(self, worker_name: str) -> dict[str, Any] | None:
+        import httpx
+
         url = f"{worker_name.rstrip('/')}/worker_get_status"
         try:
             response = self.client.post(url, json={}, timeout=self.worker_timeout)
@@ -374,7 +380,7 @@ class Controller:
             except Exception:  # keep checking; one bad pass must not end expiry for good
                 logger.exception("Heartbeat check failed")
 
-    def __enter__(self) -> Controller:
+    def __enter__(self) -> "Controller":
         self.start()
         return self
 
@@ -415,8 +421,8 @@ class _Upstream:
     own (time to first message, silence between messages) whatever the socket does. Items: ("status", (code,
     headers)), then ("body", bytes) for an error status or ("data", bytes)... ("end", None); ("error", exc)."""
 
-    def __init__(self, client: httpx.Client, url: str, params: dict[str, Any], headers: dict[str, str],
-                 timeout: httpx.Timeout):
+    def __init__(self, client: "httpx.Client", url: str, params: dict[str, Any], headers: dict[str, str],
+                 timeout: "httpx.Timeout"):
         self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(client, url, params, headers, timeout),
@@ -494,38 +500,33 @@ class ProxyStream:
 # ---------------------------------------------------------------------------------------------------- HTTP
 
 
-# Request bodies live at module level: FastAPI resolves the (string) annotations in this module's namespace.
-
-
-class WorkerStatusModel(BaseModel):
-    model_names: list[str]
-    speed: float = Field(default=1.0, gt=0)
-    queue_length: int = Field(default=0, ge=0)
-
-
-class RegisterWorkerRequest(BaseModel):
-    worker_name: str
-    check_heart_beat: bool = True
-    worker_status: WorkerStatusModel | None = None
-
-
-class HeartBeatRequest(BaseModel):
-    worker_name: str
-    queue_length: int = Field(default=0, ge=0)
-
-
-class WorkerAddressRequest(BaseModel):
-    model: str
-
-
 def create_app(controller: Controller, max_body_bytes: int = 32 * 1024 * 1024):
     """The FastAPI app serving ``controller``; its heartbeat thread runs for the app's lifetime."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
+    from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
     from starlette.responses import Response
 
     from ferret.serve.api import ApiError, read_json_body
+
+    class WorkerStatusModel(BaseModel):
+        model_names: list[str]
+        speed: float = Field(default=1.0, gt=0)
+        queue_length: int = Field(default=0, ge=0)
+
+    class RegisterWorkerRequest(BaseModel):
+        worker_name: str
+        check_heart_beat: bool = True
+        worker_status: WorkerStatusModel | None = None
+
+    class HeartBeatRequest(BaseModel):
+        worker_name: str
+        queue_length: int = Field(default=0, ge=0)
+
+    class WorkerAddressRequest(BaseModel):
+        model: str
 
     def require_secret(request: Request) -> None:
         if not controller.secret_matches(request.headers.get("authorization")):

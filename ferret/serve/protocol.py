@@ -54,13 +54,16 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from ferret import regions as R
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# numpy, PIL and ferret.regions are imported where they are used: the controller reads this module for the stream
+# framing and must start (and answer --help) without them.
 
 __all__ = [
     "ErrorCode",
@@ -164,6 +167,7 @@ class RegionSpec:
 
         Raises RequestError (422) naming the region when ``ferret.regions`` rejects it (e.g. an empty polygon).
         """
+        from ferret import regions as R
 
         try:
             if self.kind == "point":
@@ -246,6 +250,8 @@ def parse_region(spec: Any, index: int, image_size: tuple[int, int]) -> RegionSp
         if not isinstance(rle, Mapping):
             raise RequestError(f"{where} (mask) needs 'rle': {{'size': [H, W], 'counts': ...}}", 400)
         check_rle_bounds(rle, (width, height), f"{where} (mask)")
+        from ferret import regions as R
+
         try:
             mask = R.FreeForm.from_rle(dict(rle)).mask
         except ValueError as err:
@@ -301,6 +307,8 @@ def _preview(value: Any, limit: int = 60) -> str:
 def parse_dense_mask(mask: Any, index: int, image_size: tuple[int, int]) -> RegionSpec:
     """The original's ``region_masks[index]``: nested lists laid out [W][H]; returned as a [H, W] bool mask."""
     width, height = image_size
+    import numpy as np
+
     where = f"region_masks[{index}]"
     try:
         array = np.asarray(mask, dtype=np.float32)
@@ -363,6 +371,8 @@ def decode_image(data: Any, index: int = 0, limits: RequestLimits = RequestLimit
 
 def decode_image_bytes(raw: bytes, where: str = "image 0", limits: RequestLimits = RequestLimits()) -> Image.Image:
     """Encoded PNG or JPEG bytes as an RGB PIL image, with the same checks and statuses as ``decode_image``."""
+    from PIL import Image, UnidentifiedImageError
+
     if len(raw) > limits.max_image_bytes:
         raise RequestError(f"{where} has {len(raw)} bytes; the limit is {limits.max_image_bytes}", 413)
     try:
@@ -441,7 +451,7 @@ class ChatInput:
     regions: list[list[Any]]
 
 
-ImageLoader = Callable[[Any, str], Image.Image]
+ImageLoader = Callable[[Any, str], "Image.Image"]
 
 
 def load_data_url(url: Any, where: str, limits: RequestLimits = RequestLimits()) -> Image.Image:
