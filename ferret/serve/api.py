@@ -476,6 +476,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add_region_feature_arguments(parser)
     parser.add_argument("--limit-model-concurrency", type=int, default=5)
     parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens)
+    parser.add_argument("--max-regions", type=int, default=RequestLimits().max_regions,
+                        help="most region references (placeholders) one request may make; checked before any mask "
+                             "is built")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="refuse larger request bodies (413) while reading them")
     parser.add_argument("--log-level", default="info")
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     server = ChatServer(
         model, processor, args.model_name or os.path.basename(os.path.normpath(args.model_path)),
         limit_model_concurrency=args.limit_model_concurrency, allowed_image_dir=args.allowed_image_dir,
-        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit), region_feature=args.region_feature,
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions), region_feature=args.region_feature,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes,
     )
     logger.info("Serving %s at http://%s:%d/v1 (region features %s, API key %s)", server.model_name, args.host,

@@ -429,6 +429,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="seconds between heartbeats to the controller")
     parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens,
                         help="largest max_new_tokens a request may ask for")
+    parser.add_argument("--max-regions", type=int, default=RequestLimits().max_regions,
+                        help="most region references (placeholders) one request may make; checked before any mask "
+                             "is built")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         stream_interval=args.stream_interval,
         register=not args.no_register,
         heart_beat_interval=args.heart_beat_interval,
-        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit),
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions),
         region_feature=args.region_feature,
         api_key=args.api_key,
         controller_secret=args.register_secret,
