@@ -167,3 +167,29 @@ def http_ok(url: str, method: str = "GET", json: dict | None = None) -> dict | b
                 return True
     except httpx.HTTPError:
         return False
+
+
+def coco_rle_counts(runs: list[int]) -> str:
+    """The compressed COCO RLE string of run lengths ``runs`` (pycocotools' format: 5-bit groups with a
+    continuation bit, runs after the second stored as differences from the run two before)."""
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def rle_bomb() -> dict:
+    """A well-formed mask region declaring 10^6 x 10^6 pixels in a 146-byte counts string: 128 runs of
+    7,812,500,000 pixels, which sum to exactly 10^12. Decoding it would allocate a terabyte."""
+    counts = coco_rle_counts([7_812_500_000] * 128)
+    assert len(counts) == 146
+    return {"type": "mask", "rle": {"size": [1_000_000, 1_000_000], "counts": counts}}

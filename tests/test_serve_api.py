@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import LoopbackServer, make_checkpoint, make_image, scripted_generate, wait_for
+from serve_helpers import LoopbackServer, make_checkpoint, make_image, rle_bomb, scripted_generate, wait_for
 
 from ferret import regions as R
 from ferret.model.builder import load_pretrained_model
@@ -289,3 +289,211 @@ def test_image_decoding_of_jpeg_path_keeps_pixels(chat, image_dir, loaded, monke
     post(chat, {"messages": [question("cat.png", "Describe the image.")]})
     expected = processor.preprocess_image(make_image())
     assert torch.allclose(calls[0]["images"][0], expected)
+
+
+# ----------------------------------------------------------------------------------------- hostile clients
+
+
+def complete(reply: bytes) -> bool:
+    """Whether ``reply`` holds a whole HTTP response (headers and a Content-Length body)."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
+
+
+def raw_request(url: str, head: bytes, chunks, timeout: float = 20.0) -> tuple[int, bytes, int]:
+    """Send ``head`` and then ``chunks`` on a raw socket, stopping as soon as the server answers or closes.
+    Returns (status, reply, bytes of the body actually sent)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    sent = 0
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout) as sock:
+        sock.sendall(head)
+        sock.setblocking(False)
+        reply = b""
+        try:
+            for chunk in chunks:
+                try:
+                    reply += sock.recv(65536)
+                except BlockingIOError:
+                    pass
+                if reply:
+                    break
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sent += len(chunk)
+                sock.setblocking(False)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        try:
+            while not complete(reply):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    return status, reply, sent
+
+
+def test_body_size_limit_is_enforced_while_reading(loaded):
+    """A 200 MB body is refused after the first megabyte or so: never read, never buffered whole."""
+    model, processor = loaded
+    server = ChatServer(model, processor, "tiny-ferret", max_body_bytes=1 << 20)
+    total = 200 << 20
+    piece = b"x" * (256 << 10)
+    with LoopbackServer(create_app(server)) as running:
+        for head in (
+            # an honest Content-Length is refused before a byte of the body is read ...
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {total}\r\n\r\n".encode(),
+            # ... and a chunked body (no length announced) as soon as it passes the limit
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+        ):
+            chunked = b"chunked" in head
+            frames = ((f"{len(piece):x}\r\n".encode() + piece + b"\r\n") if chunked else piece
+                      for _ in range(total // len(piece)))
+            started = time.monotonic()
+            status, reply, sent = raw_request(running.url, head, frames)
+            assert status == 413, reply[:300]
+            assert b"larger than the limit" in reply or b"the limit is 1048576" in reply
+            assert sent <= 16 << 20, f"the client had to send {sent} bytes before the refusal"
+            assert time.monotonic() - started < 10
+        # the server is still there and serves
+        assert post(running, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).status_code == 200
+
+
+def test_only_json_bodies_are_read(chat):
+    """A web page can POST text/plain (or a form) to a loopback server without a preflight: refuse it (415)."""
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=a",
+                             None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            reply = client.post(f"{chat.url}/v1/chat/completions", content=body, headers=headers)
+            assert reply.status_code == 415, (content_type, reply.text)
+            error = reply.json()["error"]
+            assert error["type"] == "invalid_request_error" and "application/json" in error["message"]
+        reply = client.post(f"{chat.url}/v1/chat/completions", content=body,
+                            headers={"Content-Type": "application/json; charset=utf-8"})
+        assert reply.status_code == 200, reply.text
+
+
+def test_wrong_types_nesting_and_surrogates_get_400_in_openai_shape(chat):
+    text_only = [{"role": "user", "content": "x"}]
+    cases = [
+        ({"messages": text_only, "stream": True, "stream_options": "yes"}, "'stream_options' must be an object"),
+        ({"messages": text_only, "stream": True, "stream_options": [1]}, "'stream_options' must be an object"),
+        ({"messages": text_only, "stream": True, "stream_options": {"include_usage": "x"}}, "include_usage"),
+        ({"messages": text_only, "stream": "yes"}, "'stream' must be a boolean"),
+    ]
+    for body, text in cases:
+        reply = post(chat, body)
+        assert reply.status_code == 400 and text in reply.json()["error"]["message"], reply.text
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        def send(raw: bytes) -> httpx.Response:
+            return client.post(f"{chat.url}/v1/chat/completions", content=raw,
+                               headers={"Content-Type": "application/json"})
+
+        started = time.monotonic()
+        deep = send(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
+        nested: list = []
+        for _ in range(40):  # within what json parses, beyond the 32 levels a request may nest
+            nested = [nested]
+        shallow_but_deep = send(json.dumps({"messages": text_only, "metadata": nested}).encode())
+        assert shallow_but_deep.status_code == 400 and "nested more than 32" in shallow_but_deep.text
+        assert time.monotonic() - started < 5
+        surrogate = send(b'{"messages": [{"role": "user", "content": "caf\\ud800e"}], "max_tokens": 1}')
+        assert surrogate.status_code == 400
+        assert "messages[0].content contains a lone surrogate" in surrogate.json()["error"]["message"]
+        in_part = send(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}')
+        assert in_part.status_code == 400 and "content[0].text" in in_part.json()["error"]["message"]
+        in_stop = send(b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\ud800"]}')
+        assert in_stop.status_code == 400 and in_stop.json()["error"]["param"] == "stop"
+        in_model = send(b'{"messages": [{"role": "user", "content": "x"}], "model": "\\ud800"}')
+        assert in_model.status_code == 404  # quoted back in the error without breaking its encoding
+        not_utf8 = send(b'{"messages": "\xff"}')
+        assert not_utf8.status_code == 400
+    assert chat.chat_server.limiter.in_flight == 0
+
+
+def test_rle_bomb_is_refused_in_milliseconds(chat):
+    """An RLE declaring 10^6 x 10^6 pixels in 148 bytes is refused from its declared size, before decoding."""
+    bomb = rle_bomb()
+    body = {"messages": [question(data_url(make_image()), regions=[bomb])], "max_tokens": 1}
+    post(chat, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1})
+    started = time.monotonic()
+    reply = post(chat, body)
+    elapsed = time.monotonic() - started
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert message == ("messages[0]: region 0 (mask): RLE 'size' is [H, W] = [1000000, 1000000] but the image is "
+                       "[48, 64]; a mask must have the image's size")
+    assert elapsed < 1.0  # milliseconds of work; the bound leaves room for a loaded machine
+    # counts that cannot describe the declared size are refused before decoding too
+    lying = {"type": "mask", "rle": {"size": [H, W], "counts": [1] * (W * H + 2)}}
+    reply = post(chat, {"messages": [question(data_url(make_image()), regions=[lying])]})
+    assert reply.status_code == 400 and "more than a 48x64 mask can hold" in reply.json()["error"]["message"]
+    fractional = {"type": "mask", "rle": {"size": [H, W], "counts": [3000.5, W * H - 3000.5]}}
+    reply = post(chat, {"messages": [question(data_url(make_image()), regions=[fractional])]})
+    assert reply.status_code == 400 and "'counts'[0] must be a non-negative integer" in reply.text
+
+
+def test_api_key_is_checked_as_openai_clients_send_it(loaded):
+    openai = pytest.importorskip("openai")
+    model, processor = loaded
+    server = ChatServer(model, processor, "tiny-ferret", api_key="sk-local-123")
+    with LoopbackServer(create_app(server)) as running, httpx.Client(trust_env=False, timeout=30) as client:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-local-123"},
+                        {"Authorization": "Basic sk-local-123"}):
+            for method, path, kwargs in (("POST", "/v1/chat/completions", {"json": body}), ("GET", "/v1/models", {})):
+                reply = client.request(method, f"{running.url}{path}", headers=headers, **kwargs)
+                assert reply.status_code == 401, (headers, path)
+                assert reply.json()["error"]["code"] == "invalid_api_key"
+                assert reply.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer sk-local-123"}
+        assert client.post(f"{running.url}/v1/chat/completions", json=body, headers=good).status_code == 200
+        assert client.get(f"{running.url}/health").status_code == 200  # liveness stays open
+        wrong = openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0, timeout=30,
+                              http_client=httpx.Client(trust_env=False))
+        right = openai.OpenAI(base_url=f"{running.url}/v1", api_key="sk-local-123", max_retries=0, timeout=30,
+                              http_client=httpx.Client(trust_env=False))
+        try:
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+            assert [m.id for m in right.models.list()] == ["tiny-ferret"]
+        finally:
+            wrong.close()
+            right.close()
+
+
+def test_region_features_follow_the_checkpoint(loaded, monkeypatch):
+    """No flag: a checkpoint with a region sampler gets <region_fea> and a mask per region; the flag overrides."""
+    model, processor = loaded
+    assert model.config.region_geo_sampler
+    message = question(data_url(make_image()), regions=[BOX])
+    on = ChatServer(model, processor, "t").prepare({"messages": [message]}, {})
+    off = ChatServer(model, processor, "t", region_feature=False).prepare({"messages": [message]}, {})
+    assert len(on["region_masks"]) == 1 and (on["input_ids"] == processor.region_token_id).sum() == 1
+    assert off["region_masks"] == [] and (off["input_ids"] == processor.region_token_id).sum() == 0
+    monkeypatch.setattr(model.config, "region_geo_sampler", False)
+    assert ChatServer(model, processor, "t").region_feature is False
+    assert ChatServer(model, processor, "t", region_feature=True).region_feature is True
+    for flags, expected in (([], None), (["--add_region_feature"], True), (["--region-feature"], True),
+                            (["--no-region-feature"], False), (["--no_region_feature"], False)):
+        assert build_arg_parser().parse_args(["--model-path", "m", *flags]).region_feature is expected
+    with pytest.raises(SystemExit):
+        build_arg_parser().parse_args(["--model-path", "m", "--region-feature", "--no-region-feature"])

@@ -138,4 +138,6 @@ def test_draw_a_box_ask_and_see_the_grounding(stack, tmp_path):
     assert record["finish"] >= record["start"]
     (region,) = record["regions"]
     assert region["type"] == "box" and region["x2"] > region["x1"] and region["y2"] > region["y1"]
-    assert record["prompt"].count("<region_fea>") == 1 and "<image>" in record["prompt"]
+    text, image = record["messages"][0]["content"]  # the structured request the UI sent
+    assert text["text"].count("<region0>") == 1 and image == {"type": "image_url", "image_url": {"url": "<image>"}}
+    assert record["messages"][0]["regions"][0]["type"] == "box"

@@ -131,3 +131,18 @@ def test_real_process_chat_on_stdin(checkpoint, image_file, tmp_path):
     assert chat.stdout.count("USER: ") == 4  # the command, two questions, then end of input
     with Image.open(saved) as drawn:
         assert drawn.format == "PNG" and drawn.size == (64, 48)
+
+
+def test_region_features_follow_the_checkpoint_unless_overridden(loaded, image_file, monkeypatch):
+    """No flag: this checkpoint has a region sampler, so the region gets a feature mask; --no-region-feature
+    sends its coordinates only (no <region_fea>, no mask)."""
+    model, processor = loaded
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(processor.tokenizer, "ok", calls))
+    query = ["--image-file", str(image_file), "--query", "What is <region0>?", "--region", "box:5,5,30,30"]
+    assert run_cli(loaded, query)[0] == 0
+    assert run_cli(loaded, [*query, "--no-region-feature"])[0] == 0
+    on, off = calls
+    assert len(on["region_masks"][0]) == 1 and (on["input_ids"] == processor.region_token_id).sum() == 1
+    assert off["region_masks"] is None
+    assert (off["input_ids"] == processor.region_token_id).sum() == 0

@@ -80,10 +80,17 @@ def fake_worker_app():
         return status("fake-model", speed=2.0, queue_length=1)
 
     @app.post("/worker_generate_stream")
-    async def worker_generate_stream(params: dict):
+    async def worker_generate_stream(params: dict, request: fastapi.Request):
         mode = params.get("mode", "normal")
         if mode == "reject":
             return JSONResponse({"text": "region 0 (box) lies outside the image", "error_code": 4}, status_code=422)
+        if mode == "busy":
+            return JSONResponse({"text": "busy", "error_code": 5}, status_code=429, headers={"Retry-After": "1"})
+        if mode == "frozen":
+            await asyncio.sleep(3)  # connected, but no answer: what a stopped process looks like to a client
+        if mode == "auth":
+            auth = request.headers.get("authorization", "")
+            return StreamingResponse(iter([encode_chunk({"text": auth, "error_code": 0})]))
 
         async def frames():
             if mode == "slow":
@@ -257,10 +264,8 @@ def test_every_endpoint_through_test_client():
         assert post("/refresh_all_workers").json() == {"workers": ["http://w1"]}
         assert post("/list_models").json() == {"models": ["m1"]}
         reply = post("/worker_generate_stream", json={"model": "nope", "prompt": "hi"})
-        assert reply.status_code == 200
-        assert list(iter_messages([reply.content])) == [
-            {"text": "no worker serves model 'nope'", "error_code": int(ErrorCode.NO_WORKER)}
-        ]
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+        assert reply.json() == {"text": "no worker serves model 'nope'", "error_code": int(ErrorCode.NO_WORKER)}
         thread = controller._thread
     thread.join(timeout=5)
     assert not thread.is_alive()  # stopped by the lifespan
@@ -289,9 +294,9 @@ def test_proxy_streams_worker_messages(fake_worker):
         }
 
         reply = client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "x", "mode": "reject"})
-        assert list(iter_messages([reply.content])) == [
-            {"text": "region 0 (box) lies outside the image", "error_code": 4}
-        ]
+        assert reply.status_code == 422  # the worker's own status, not 200 with an error inside
+        assert reply.json() == {"text": "region 0 (box) lies outside the image", "error_code": 4}
+        assert fake_worker.url in controller.workers()  # a refused request says nothing about the worker's health
 
 
 def test_proxy_unreachable_worker_gives_one_error():
@@ -300,20 +305,91 @@ def test_proxy_unreachable_worker_gives_one_error():
     controller.register_worker(dead, True, status("m"))
     with TestClient(create_app(controller)) as client:
         reply = client.post("/worker_generate_stream", json={"model": "m", "prompt": "hi"})
-    messages = list(iter_messages([reply.content]))
-    assert len(messages) == 1
-    assert messages[0]["error_code"] == int(ErrorCode.WORKER_UNREACHABLE)
-    assert dead in messages[0]["text"]
+    assert reply.status_code == 502
+    message = reply.json()
+    assert message["error_code"] == int(ErrorCode.WORKER_UNREACHABLE) and dead in message["text"]
+    assert controller.workers() == {}  # out of rotation at once, not after the heartbeat expiry
 
 
 def test_proxy_timeout_after_partial_stream(fake_worker):
     controller = Controller(stream_timeout=0.3)
     controller.register_worker(fake_worker.url, True, status("fake-model"))
+    started = time.monotonic()
     messages = list(controller.worker_api_generate_stream({"model": "fake-model", "prompt": "p", "mode": "slow"}))
+    waited = time.monotonic() - started
     decoded = list(iter_messages(messages))
     assert decoded[0] == {"text": "first", "error_code": 0}
     assert [m["error_code"] for m in decoded] == [0, int(ErrorCode.WORKER_UNREACHABLE)]
+    assert waited < 1.4  # the stall is cut at 0.3 s, before the fake worker's 1.5 s pause ends
+    assert controller.workers() == {}  # and the stalled worker is out of rotation at once
     controller.stop()
+
+
+def test_first_token_timeout_takes_a_frozen_worker_out_of_rotation(fake_worker):
+    """A worker that accepts the connection but never answers (as a SIGSTOPped one does) costs its client the
+    first-token timeout, not the 120 s read timeout, and receives no further requests."""
+    controller = Controller(first_token_timeout=0.5, stream_timeout=5)
+    controller.register_worker(fake_worker.url, True, status("fake-model"))
+    with TestClient(create_app(controller)) as client:
+        started = time.monotonic()
+        reply = client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "p", "mode": "frozen"})
+        waited = time.monotonic() - started
+        assert reply.status_code == 504 and reply.json()["error_code"] == int(ErrorCode.WORKER_UNREACHABLE)
+        assert "first-token timeout of 0.5 s" in reply.json()["text"]
+        assert 0.45 < waited < 2.0
+        assert controller.workers() == {}
+        again = client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "p"})
+        assert again.status_code == 503  # no worker left: refused at once
+        # a live worker comes back by registering again (its next heartbeat asks it to)
+        assert client.post("/register_worker", json={"worker_name": fake_worker.url}).json() == {"registered": True}
+        assert client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "p"}).status_code == 200
+
+
+def test_busy_worker_gives_429_with_retry_after(fake_worker):
+    controller = Controller()
+    controller.register_worker(fake_worker.url, True, status("fake-model"))
+    with TestClient(create_app(controller)) as client:
+        reply = client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "p", "mode": "busy"})
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+        assert reply.json() == {"text": "busy", "error_code": int(ErrorCode.SERVER_BUSY)}
+        assert fake_worker.url in controller.workers()
+        # the caller's API key travels to the worker
+        reply = client.post("/worker_generate_stream", json={"model": "fake-model", "prompt": "p", "mode": "auth"},
+                            headers={"Authorization": "Bearer k1"})
+        assert reply.status_code == 200 and list(iter_messages([reply.content])) == [
+            {"text": "Bearer k1", "error_code": 0}]
+
+
+def test_registration_needs_the_secret_when_one_is_set():
+    live = {"http://w1": status("m1")}
+    controller = Controller(status_fetcher=lambda name: live.get(name), register_secret="s3cret")
+    with TestClient(create_app(controller)) as client:
+        body = {"worker_name": "http://w1"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            reply = client.post("/register_worker", json=body, headers=headers)
+            assert reply.status_code == 401 and "secret" in reply.json()["detail"], headers
+            assert reply.headers["www-authenticate"] == "Bearer"
+        assert controller.workers() == {}
+        assert client.post("/receive_heart_beat", json=body).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/register_worker", json=body, headers=good).json() == {"registered": True}
+        assert client.post("/receive_heart_beat", json=body, headers=good).json() == {"exist": True}
+    open_controller = Controller(status_fetcher=lambda name: live.get(name))
+    with TestClient(create_app(open_controller)) as client:  # no secret set: registration stays open
+        assert client.post("/register_worker", json={"worker_name": "http://w1"}).json() == {"registered": True}
+
+
+def test_controller_refuses_non_json_and_oversized_bodies():
+    controller = Controller()
+    with TestClient(create_app(controller, max_body_bytes=1000)) as client:
+        reply = client.post("/worker_generate_stream", content=b'{"model": "m"}',
+                            headers={"Content-Type": "text/plain"})
+        assert reply.status_code == 415 and reply.json()["error_code"] == int(ErrorCode.BAD_REQUEST)
+        reply = client.post("/worker_generate_stream", json={"model": "m", "prompt": "x" * 2000})
+        assert reply.status_code == 413
+        reply = client.post("/worker_generate_stream", content=b"[" * 5000 + b"]" * 5000,
+                            headers={"Content-Type": "application/json"})
+        assert reply.status_code in (400, 413)
 
 
 def test_real_uvicorn_controller_and_worker_heartbeat_expiry(fake_worker):

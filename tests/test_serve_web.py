@@ -7,9 +7,7 @@ import pytest
 from PIL import Image
 
 from ferret import regions as R
-from ferret.conversation import FERRET_SYSTEM
 from ferret.serve.draw import draw_grounding, draw_regions, load_font, mask_outline
-from ferret.processing import image_frame
 
 gws = pytest.importorskip("ferret.serve.gradio_web_server")
 
@@ -48,25 +46,33 @@ def test_strokes_become_point_box_and_sketch_regions():
     assert len(session.regions) == 1
 
 
-def test_prompt_building_square_and_pad():
+def test_messages_carry_regions_in_pixels_per_message():
+    """The UI sends structured messages: [regionN] (session-wide) becomes each message's own <regionK>, the regions
+    travel in pixels, the image once as a data URL; no template, no coordinates text, no <region_fea>."""
     regions = [R.Box(8, 6, 40, 30), R.Point(20, 15)]
-    turns = [{"from": "human", "value": "What is [region0] next to <region1>?"},
+    turns = [{"from": "human", "value": "What is [region1] next to <region0> and [region1]?"},
              {"from": "gpt", "value": "A cat [100, 100, 500, 500]."},
-             {"from": "human", "value": "And [region1]?"}]
-    frame = image_frame("square_nocrop", 80, 60)
-    prompt, ordered = gws.build_prompt(turns, regions, frame, add_region_feature=True)
-    assert prompt == (FERRET_SYSTEM + " USER: <image>\nWhat is [100, 100, 500, 500] <region_fea> next to [250, 250] "
-                      "<region_fea>? ASSISTANT: A cat [100, 100, 500, 500].</s>USER: And [250, 250] <region_fea>? "
-                      "ASSISTANT:")
-    assert ordered == [regions[0], regions[1], regions[1]]
-    plain, none = gws.build_prompt(turns[:1], regions, frame, add_region_feature=False)
-    assert "<region_fea>" not in plain and "[100, 100, 500, 500] next to [250, 250]?" in plain and none == []
-    # pad: the 80x60 image sits 10 px down on an 80x80 canvas, so y moves on the grid
-    pad = image_frame("pad", 80, 60)
-    padded, _ = gws.build_prompt(turns[:1], regions, pad, add_region_feature=True)
-    assert "[100, 200, 500, 500] <region_fea>" in padded
+             {"from": "human", "value": "And [region0]?"}]
+    image = Image.new("RGB", (80, 60), (1, 2, 3))
+    messages = gws.build_messages(turns, regions, image)
+    first, second, third = messages
+    assert first["role"] == "user" and first["content"][0] == {
+        "type": "text", "text": "What is <region0> next to <region1> and <region0>?"}
+    url = first["content"][1]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert first["regions"] == [{"type": "point", "x": 20, "y": 15},
+                                {"type": "box", "x1": 8, "y1": 6, "x2": 40, "y2": 30}]
+    assert second == {"role": "assistant", "content": "A cat [100, 100, 500, 500]."}
+    assert third == {"role": "user", "content": "And <region0>?",
+                     "regions": [{"type": "box", "x1": 8, "y1": 6, "x2": 40, "y2": 30}]}
+    # the worker's parser reads them back as the same regions, in pixels of the same image
+    from ferret.serve.protocol import parse_chat_messages
+
+    chat = parse_chat_messages(messages)
+    assert chat.image.size == (80, 60) and chat.regions == [[regions[1], regions[0]], [], [regions[0]]]
+    assert [t["from"] for t in chat.turns] == ["human", "gpt", "human"]
     with pytest.raises(gws.UserError, match=r"\[region5\] has not been drawn"):
-        gws.build_prompt([{"from": "human", "value": "[region5]?"}], regions, frame, True)
+        gws.build_messages([{"from": "human", "value": "[region5]?"}], regions, image)
 
 
 def test_add_text_and_failed_answers():

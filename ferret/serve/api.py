@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP server for one Ferret model: ``/v1/chat/completions`` (plain and streamed) and
-``/v1/models``. Any OpenAI client works with it (``base_url="http://127.0.0.1:8000/v1"``, any api key).
+``/v1/models``. Any OpenAI client works with it (``base_url="http://127.0.0.1:8000/v1"``, ``api_key`` = the key
+the server was started with, ``--api-key`` or ``$FERRET_API_KEY``; any string when none is set).
 
 Ferret's additions to the chat format, all optional:
 
@@ -21,16 +22,22 @@ Ferret's additions to the chat format, all optional:
 
 Defaults differ from OpenAI's: temperature 0.2 and top_p 0.7 (the Ferret demo's), max_tokens 512 (lowered to fit
 the context). A server already running ``--limit-model-concurrency`` requests answers 429 at once. System messages
-are accepted and ignored: Ferret's own system prompt is part of its template.
+are accepted and ignored: Ferret's own system prompt is part of its template. Region features are read when the
+checkpoint has a region sampler (``--no-region-feature`` / ``--region-feature`` override it).
+
+Refusals, each with the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed
+(including a body nested too deeply, a lone surrogate in the text, a wrongly typed ``stream_options``), 401 missing
+or wrong API key, 403 an image path outside ``--allowed-image-dir``, 404 unknown model, 413 a body over
+``--max-body-bytes`` (refused while it is read) or an image over the limits, 415 a body that is not
+``application/json``, 429 busy (with ``Retry-After``).
 
 Run::
 
     python -m ferret.serve.api --model-path ./checkpoints/ferret-7b --allowed-image-dir ./images --port 8000
 """
 
-from __future__ import annotations
-
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -40,27 +47,21 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from PIL import Image
 
-from ferret.processing import PLACEHOLDER
-from ferret.serve.http_utils import GuardedStreamingResponse
-from ferret.serve.inference import (
-    ConcurrencyLimiter,
-    PromptTooLong,
-    SamplingParams,
-    Step,
-    stable_prefix,
-    start_streaming,
-)
+# Only light modules at the top: `--help` must not pay for torch, transformers or fastapi (they load in main()).
 from ferret.serve.protocol import (
+    API_KEY_ENV,
     RequestError,
     RequestLimits,
+    add_region_feature_arguments,
+    check_json_depth,
+    check_text,
     decode_image,
     decode_image_bytes,
     grounded_to_dict,
-    parse_region,
+    parse_chat_messages,
+    resolve_region_feature,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,18 @@ class ApiError(ValueError):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None):
+        from starlette.responses import Response
+
+        # ASCII JSON: an error may quote the client's text, and a lone surrogate in it cannot be UTF-8 encoded
+        return Response(json.dumps(self.body()), status_code=self.status, headers=headers,
+                        media_type="application/json")
 
 
 def api_error_from(err: BaseException) -> ApiError:
     """The ApiError for an exception raised while preparing a request."""
+    from ferret.serve.inference import PromptTooLong
+
     if isinstance(err, ApiError):
         return err
     if isinstance(err, PromptTooLong):
@@ -119,8 +126,10 @@ def _number(body: Mapping[str, Any], key: str, default: float, low: float, high:
     return float(value)
 
 
-def parse_sampling(body: Mapping[str, Any], limits: RequestLimits) -> SamplingParams:
-    """temperature, top_p, max_tokens (or max_completion_tokens) and stop of a chat request."""
+def parse_sampling(body: Mapping[str, Any], limits: RequestLimits):
+    """temperature, top_p, max_tokens (or max_completion_tokens) and stop of a chat request -> SamplingParams."""
+    from ferret.serve.inference import SamplingParams
+
     temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2)
     top_p = _number(body, "top_p", DEFAULT_TOP_P, 0, 1, low_open=True)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -140,6 +149,11 @@ def parse_sampling(body: Mapping[str, Any], limits: RequestLimits) -> SamplingPa
     else:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
                        "stop")
+    try:
+        for text in stops:
+            check_text(text, "'stop'")
+    except RequestError as err:
+        raise ApiError(400, err.message, "stop") from None
     n = body.get("n", 1)
     if n not in (1, None):
         raise ApiError(400, f"only n=1 is supported, got {n!r}", "n")
@@ -183,99 +197,49 @@ def load_image_reference(url: Any, allowed_dir: str | None, limits: RequestLimit
 def parse_messages(
     messages: Any, allowed_dir: str | None, limits: RequestLimits
 ) -> tuple[list[dict[str, str]], Image.Image | None, list[list[Any]]]:
-    """OpenAI messages -> (turns for FerretProcessor.encode, the image or None, regions per turn)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    turns: list[dict[str, str]] = []
-    raw_regions: list[tuple[str, Any]] = []
-    image: Image.Image | None = None
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, Mapping):
-            raise ApiError(400, f"{where} must be an object", "messages")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            logger.debug("ignoring %s message %d: Ferret's template has its own system prompt", role, i)
-            continue
-        if role not in ("user", "assistant"):
-            raise ApiError(400, f"{where} has role {role!r}; expected user, assistant or system", "messages")
-        content = message.get("content")
-        texts: list[str] = []
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for k, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind == "image_url" and role == "user":
-                    if image is not None:
-                        raise ApiError(400, f"{where}.content[{k}]: only one image per conversation is supported",
-                                       "messages")
-                    ref = part.get("image_url")
-                    url = ref.get("url") if isinstance(ref, Mapping) else ref
-                    image = load_image_reference(url, allowed_dir, limits, f"{where}.content[{k}]")
-                else:
-                    raise ApiError(400, f"{where}.content[{k}] has type {kind!r}; expected 'text' or (in a user "
-                                   "message) 'image_url'", "messages")
-        elif content is None and role == "assistant":
-            pass
-        else:
-            raise ApiError(400, f"{where}.content must be a string or a list of parts", "messages")
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if role != expected:
-            raise ApiError(400, f"{where} is from {role!r} but {expected!r} was expected: after system messages, "
-                           "messages must alternate user/assistant starting with user", "messages")
-        turns.append({"from": "human" if role == "user" else "gpt", "value": "\n".join(texts)})
-        raw_regions.append((where, message.get("regions")))
-    if not turns:
-        raise ApiError(400, "'messages' holds no user message", "messages")
-    if len(turns) % 2 == 0:
-        raise ApiError(400, "the last message must be from the user", "messages")
-
-    regions: list[list[Any]] = []
-    for (where, specs), turn in zip(raw_regions, turns, strict=True):
-        if specs is None or (turn["from"] == "gpt" and "<region" not in turn["value"]):
-            regions.append([])  # an assistant message echoed back with its grounded regions: nothing to refer to
-            continue
-        if not isinstance(specs, list):
-            raise ApiError(400, f"{where}.regions must be a list", "messages")
-        if specs and image is None:
-            raise ApiError(400, f"{where}.regions given but the conversation has no image", "messages")
-        if len(specs) > limits.max_regions:
-            raise ApiError(400, f"{where} has {len(specs)} regions; at most {limits.max_regions}", "messages")
-        for match in PLACEHOLDER.finditer(turn["value"]):
-            if int(match.group(1)) >= len(specs):
-                raise ApiError(400, f"{where}: {match.group(0)} refers to region {match.group(1)} but the message "
-                               f"has {len(specs)} region(s)", "messages")
-        width, height = image.size if image is not None else (0, 0)
-        turn_regions = []
-        for k, spec in enumerate(specs):
-            try:
-                turn_regions.append(parse_region(spec, k, (width, height)).to_region(width, height))
-            except RequestError as err:
-                raise ApiError(400, f"{where}: {err.message}", "messages") from err
-            if f"<region{k}>" not in turn["value"] and f"<bbox_location{k}>" not in turn["value"]:
-                raise ApiError(400, f"{where}: region {k} is not referred to; write <region{k}> in the text",
-                               "messages")
-        regions.append(turn_regions)
-    return turns, image, regions
+    """OpenAI messages -> (turns for FerretProcessor.encode, the image or None, regions per turn), through the
+    parser the worker uses too (ferret.serve.protocol.parse_chat_messages); image_url may also name a file under
+    ``allowed_dir``."""
+    try:
+        chat = parse_chat_messages(messages, limits,
+                                   lambda url, where: load_image_reference(url, allowed_dir, limits, where))
+    except RequestError as err:
+        raise ApiError(413 if err.status == 413 else 400, err.message, "messages") from err
+    return chat.turns, chat.image, chat.regions
 
 
 # ---------------------------------------------------------------------------------------------- server
 
 
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a 20 MB image in base64 (27 MB) plus the text
+JSON_TYPES = ("application/json",)
+
+
 class ChatServer:
-    """The model, its processor and the serving limits behind the OpenAI-style endpoints."""
+    """The model, its processor and the serving limits behind the OpenAI-style endpoints.
+
+    ``region_feature``: None (default) reads region features when the checkpoint has a region sampler; True/False
+    force it. ``api_key``: when set, every ``/v1`` request must carry ``Authorization: Bearer <api_key>``.
+    ``max_body_bytes``: larger request bodies are refused (413) while they are read, never buffered whole.
+    """
 
     def __init__(self, model: Any, processor: Any, model_name: str, *, limit_model_concurrency: int = 5,
-                 allowed_image_dir: str | None = None, limits: RequestLimits = RequestLimits()):
+                 allowed_image_dir: str | None = None, limits: RequestLimits = RequestLimits(),
+                 region_feature: bool | None = None, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        from ferret.serve.inference import ConcurrencyLimiter
+
         self.model = model
         self.processor = processor
         self.model_name = model_name
         self.limiter = ConcurrencyLimiter(limit_model_concurrency)
         self.allowed_image_dir = os.path.realpath(allowed_image_dir) if allowed_image_dir else None
         self.limits = limits
+        self.region_feature = resolve_region_feature(region_feature, getattr(model, "config", None))
+        self.api_key = api_key or None
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
 
     def prepare(self, body: Mapping[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -286,7 +250,7 @@ class ChatServer:
             # A text-only chat has no regions (parse_messages refuses them), so its frame size is never used.
             size = None if image is not None else (1000, 1000)
             return self.processor.encode(turns, image, regions=regions, image_size=size, add_generation_prompt=True,
-                                         truncate=False)
+                                         truncate=False, region_feature=self.region_feature)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from err
 
@@ -299,15 +263,93 @@ class ChatServer:
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ferret"}
 
+    def check_auth(self, authorization: str | None) -> ApiError | None:
+        """None when the request may proceed; the 401 otherwise (OpenAI clients send ``Bearer <key>``)."""
+        if self.api_key is None:
+            return None
+        if not bearer_matches(authorization, self.api_key):
+            return ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                            type="invalid_request_error", code="invalid_api_key")
+        return None
+
+
+def bearer_matches(authorization: str | None, key: str) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <key>`` (constant-time comparison)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "replace"),
+                                                              key.encode("utf-8"))
+
+
+async def read_json_body(request: Any, max_bytes: int) -> Any:
+    """The request's JSON body. Raises ApiError: 415 unless the content type is JSON (a web page can post
+    ``text/plain`` to a loopback server without asking), 413 as soon as more than ``max_bytes`` arrive (the body
+    is never buffered beyond the limit), 400 for bytes that are not JSON or nest too deeply."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in JSON_TYPES and not media_type.endswith("+json"):
+        raise ApiError(415, f"the request body must be application/json, got {media_type or 'no content type'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"the request body is larger than the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(400, f"the request body is not JSON: {err}") from None
+    try:
+        check_json_depth(body)
+    except RequestError as err:
+        raise ApiError(400, err.message) from None
+    return body
+
+
+def parse_stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage), both checked to have the types the OpenAI API gives them."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"'stream' must be a boolean, got {type(stream).__name__}", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, Mapping):
+        raise ApiError(400, f"'stream_options' must be an object, got {type(options).__name__}", "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, f"'stream_options.include_usage' must be a boolean, got {type(include_usage).__name__}",
+                       "stream_options")
+    return bool(stream), bool(stream) and bool(include_usage)
+
 
 def _sse(data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n".encode()
 
 
-def create_app(server: ChatServer) -> FastAPI:
+def create_app(server: ChatServer):
+    # No `from __future__ import annotations` in this module: FastAPI reads the handlers' annotations, and
+    # `Request` is imported here, not at module level.
+    from fastapi import FastAPI, Request
+
+    from ferret.serve.http_utils import GuardedStreamingResponse
+    from ferret.serve.inference import Step, stable_prefix, start_streaming
+
     app = FastAPI(title="Ferret OpenAI-compatible API")
     app.state.server = server
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if request.url.path.startswith("/v1"):
+            refused = server.check_auth(request.headers.get("authorization"))
+            if refused is not None:
+                return refused.response(headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def list_models():
@@ -327,21 +369,17 @@ def create_app(server: ChatServer) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await request.json()
-        except ValueError as err:
-            return ApiError(400, f"the request body is not JSON: {err}").response()
-        if not isinstance(body, dict):
-            return ApiError(400, "the request body must be a JSON object").response()
-        model = body.get("model")
-        if model is not None and model != server.model_name:
-            return ApiError(404, f"model {model!r} not found; this server serves {server.model_name!r}", "model",
-                            code="model_not_found").response()
-        try:
+            body = await read_json_body(request, server.max_body_bytes)
+            if not isinstance(body, dict):
+                raise ApiError(400, "the request body must be a JSON object")
+            model = body.get("model")
+            if model is not None and model != server.model_name:
+                raise ApiError(404, f"model {model!r} not found; this server serves {server.model_name!r}", "model",
+                               code="model_not_found")
             params = parse_sampling(body, server.limits)
+            stream, include_usage = parse_stream_flags(body)
         except ApiError as err:
             return err.response()
-        stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
 
         slot = server.limiter.try_acquire()
         if slot is None:
@@ -415,7 +453,7 @@ def create_app(server: ChatServer) -> FastAPI:
             yield _sse("[DONE]")
 
         return GuardedStreamingResponse(events(), generation.cancel, media_type="text/event-stream",
-                              headers={"Cache-Control": "no-cache"})
+                                        headers={"Cache-Control": "no-cache"})
 
     return app
 
@@ -429,12 +467,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="folder from which image file paths may be read (default: only data: URLs)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless asked otherwise)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require 'Authorization: Bearer <key>' on /v1 (env {API_KEY_ENV}; default: none)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--keep-aspect-ratio", action="store_true", help="pad images to a square instead of stretching")
+    add_region_feature_arguments(parser)
     parser.add_argument("--limit-model-concurrency", type=int, default=5)
     parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens)
+    parser.add_argument("--max-regions", type=int, default=RequestLimits().max_regions,
+                        help="most region references (placeholders) one request may make; checked before any mask "
+                             "is built")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="refuse larger request bodies (413) while reading them")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -455,9 +501,11 @@ def main(argv: list[str] | None = None) -> None:
     server = ChatServer(
         model, processor, args.model_name or os.path.basename(os.path.normpath(args.model_path)),
         limit_model_concurrency=args.limit_model_concurrency, allowed_image_dir=args.allowed_image_dir,
-        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit),
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions), region_feature=args.region_feature,
+        api_key=args.api_key, max_body_bytes=args.max_body_bytes,
     )
-    logger.info("Serving %s at http://%s:%d/v1", server.model_name, args.host, args.port)
+    logger.info("Serving %s at http://%s:%d/v1 (region features %s, API key %s)", server.model_name, args.host,
+                args.port, "on" if server.region_feature else "off", "required" if server.api_key else "not set")
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

@@ -32,7 +32,12 @@ from PIL import Image
 from ferret import regions as R
 from ferret.serve.draw import draw_regions, region_label
 from ferret.serve.inference import PromptTooLong, SamplingParams, run_sync
-from ferret.serve.protocol import RequestError, parse_region
+from ferret.serve.protocol import (
+    RequestError,
+    add_region_feature_arguments,
+    parse_region,
+    resolve_region_feature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +107,10 @@ class ChatSession:
     """A conversation about one image: turns, regions per turn, and generation with streaming output."""
 
     def __init__(self, model: Any, processor: Any, image: Image.Image, params: SamplingParams,
-                 out: TextIO = sys.stdout, save_image: str | None = None):
+                 out: TextIO = sys.stdout, save_image: str | None = None, region_feature: bool | None = None):
         self.model = model
+        # None: as the checkpoint says (a model with a region sampler reads region features)
+        self.region_feature = resolve_region_feature(region_feature, getattr(model, "config", None))
         self.processor = processor
         self.image = image
         self.params = params
@@ -129,7 +136,7 @@ class ChatSession:
 
         def prepare():
             return self.processor.encode(turns, self.image, regions=turn_regions, add_generation_prompt=True,
-                                         truncate=False)
+                                         truncate=False, region_feature=self.region_feature)
 
         self.out.write(prefix)
         self.out.flush()
@@ -228,6 +235,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--keep-aspect-ratio", action="store_true", help="pad images to a square instead of stretching")
+    add_region_feature_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top-p", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -252,7 +260,8 @@ def run(args: argparse.Namespace, model: Any, processor: Any, stdin: TextIO = sy
         return 2
     if args.keep_aspect_ratio:
         processor.image_aspect_ratio = "pad"
-    session = ChatSession(model, processor, image, params, out=out, save_image=args.save_image)
+    session = ChatSession(model, processor, image, params, out=out, save_image=args.save_image,
+                          region_feature=getattr(args, "region_feature", None))
     if args.query is None:
         if regions:
             print("warning: --region applies to --query; in the chat use /box and /point", file=sys.stderr)

@@ -7,10 +7,11 @@ How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")
   stroke pixels, *Box* = their bounding box, *Sketch* = the stroke itself (a free-form mask). Each region is listed
   in the *Referring Input Cache* as ``[regionN]``, drawn in the *Parsed Referring Input* preview, and ``[regionN]``
   is appended to the question (it can be moved or retyped; ``<regionN>`` works too).
-* **Send** builds the ferret_v1 prompt (``<image>`` in the first turn; with ``--add_region_feature`` each
-  ``[regionN]`` becomes ``"[x1, y1, x2, y2] <region_fea>"``, otherwise just the coordinates) and streams the answer
-  from the worker the controller names, with the original protocol. Regions travel compactly (points, boxes,
-  COCO RLE for sketches; §8 item 34), never as dense lists.
+* **Send** sends the conversation to the controller as structured messages (the OpenAI API's shape: each
+  ``[regionN]`` becomes that message's ``<regionK>`` with the region in pixels, points and boxes as numbers,
+  sketches as COCO RLE; the image as a data URL). The worker's FerretProcessor builds the ferret_v1 prompt,
+  coordinates and masks; region features are on when the checkpoint has a region sampler (``--add_region_feature``
+  forces them on). The controller picks the worker and answers with real statuses (503 no worker, 429 busy).
 * When the answer is complete, its grounded regions (in pixels, from the worker's ``regions`` field, i.e.
   FerretProcessor.post_process) are drawn with their phrases in *Output Vis*.
 * Conversations and votes are logged as JSON lines to ``LOGDIR/YYYY-MM-DD-conv.json`` with the start *and* the
@@ -18,7 +19,7 @@ How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")
 
 Run::
 
-    python -m ferret.serve.gradio_web_server --controller-url http://127.0.0.1:21001 --port 7860 --add_region_feature
+    python -m ferret.serve.gradio_web_server --controller-url http://127.0.0.1:21001 --port 7860
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from ferret import regions as R  # noqa: E402
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
-from ferret.conversation import get_template
-from ferret.processing import Frame, image_frame
 from ferret.serve.draw import draw_regions, region_label
-from ferret.serve.protocol import ErrorCode, StreamDecoder, build_generate_payload, region_to_dict
+from ferret.serve.protocol import (
+    API_KEY_ENV,
+    ErrorCode,
+    StreamDecoder,
+    build_chat_payload,
+    chat_messages,
+    region_to_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ PLACEHOLDER = re.compile(r"\[region(\d+)\]|<region(\d+)>")
 STOP = "</s>"
 MAX_OUTPUT_TOKENS = 1024
 CONNECT_TIMEOUT = 5.0
-STREAM_TIMEOUT = 120.0  # seconds between two chunks of an answer (a CPU prefill can be slow)
+STREAM_TIMEOUT = 120.0  # a backstop only: the controller bounds time-to-first-token and silence mid-stream
 CURSOR = "▌"
 
 
@@ -221,31 +227,29 @@ def add_text(session: WebSession, text: str, editor_value: Mapping[str, Any] | N
     return session
 
 
-def build_prompt(turns: Sequence[Mapping[str, str]], regions: Sequence[R.Region], frame: Frame,
-                 add_region_feature: bool) -> tuple[str, list[R.Region]]:
-    """The ferret_v1 prompt for ``turns`` ending in an open assistant turn, and the regions whose features the
-    prompt's ``<region_fea>`` tokens need, in prompt order. ``[regionN]`` in user turns indexes ``regions``."""
-    conv = get_template("ferret_v1")
-    ordered: list[R.Region] = []
-
-    def replace(match: re.Match) -> str:
-        k = int(match.group(1) or match.group(2))
-        if k >= len(regions):
-            raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(regions)} region(s)")
-        coords = R.region_to_text(frame.to_canvas(regions[k]), frame.canvas_width, frame.canvas_height)
-        if not add_region_feature:
-            return coords
-        ordered.append(regions[k])
-        return f"{coords} {REGION_TOKEN}"
-
-    for t, turn in enumerate(turns):
+def build_messages(turns: Sequence[Mapping[str, str]], regions: Sequence[R.Region],
+                   image: Image.Image | None) -> list[dict[str, Any]]:
+    """The conversation as structured messages (the OpenAI API's shape, ferret.serve.protocol): ``[regionN]`` in a
+    user turn indexes ``regions`` (the session's, in pixels); each message gets its own ``<regionK>`` placeholders
+    and ``regions`` list, in order of first mention. The worker's processor builds the prompt, coordinates and
+    masks; the UI never templates."""
+    texts: list[dict[str, str]] = []
+    per_turn: list[list[R.Region]] = []
+    for turn in turns:
         is_user = turn["from"] == "human"
+        used: dict[int, int] = {}
+
+        def replace(match: re.Match) -> str:
+            n = int(match.group(1) or match.group(2))
+            if n >= len(regions):
+                raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(regions)} region(s)")
+            k = used.setdefault(n, len(used))
+            return f"<region{k}>"
+
         text = PLACEHOLDER.sub(replace, turn["value"]) if is_user else turn["value"]
-        if t == 0:
-            text = f"{IMAGE_TOKEN}\n{text}"
-        conv.append_message(conv.roles[0 if is_user else 1], text)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt(), ordered
+        texts.append({"from": turn["from"], "value": text})
+        per_turn.append([regions[n] for n in used])
+    return chat_messages(texts, image, per_turn)
 
 
 def grounded_from_message(message: Mapping[str, Any], output: str, image_size: tuple[int, int]
@@ -274,13 +278,16 @@ def grounded_from_message(message: Mapping[str, Any], output: str, image_size: t
 
 
 class ControllerClient:
-    """Talks to the controller (model list, worker address) and streams answers from workers."""
+    """Talks to the controller: the model list, and answers streamed through its ``/worker_generate_stream``
+    (which picks the worker, bounds time-to-first-token and silences, and answers with real statuses).
+    ``api_key`` (default ``$FERRET_API_KEY``) is sent as ``Authorization: Bearer`` for workers that require it."""
 
-    def __init__(self, controller_url: str):
+    def __init__(self, controller_url: str, api_key: str | None = None):
         self.controller_url = controller_url.rstrip("/")
-        self._client = httpx.Client(trust_env=False, timeout=httpx.Timeout(STREAM_TIMEOUT, connect=CONNECT_TIMEOUT))
-        self._aspect: dict[str, str] = {}
-        self._lock = threading.Lock()
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._client = httpx.Client(trust_env=False, headers=headers,
+                                    timeout=httpx.Timeout(STREAM_TIMEOUT, connect=CONNECT_TIMEOUT))
 
     def close(self) -> None:
         self._client.close()
@@ -302,34 +309,23 @@ class ControllerClient:
         reply.raise_for_status()
         return str(reply.json().get("address") or "")
 
-    def aspect_ratio(self, worker: str) -> str:
-        """How the worker fits images (``square_nocrop`` unless its status says ``pad``); cached per worker."""
-        with self._lock:
-            if worker in self._aspect:
-                return self._aspect[worker]
-        aspect = "square_nocrop"
-        try:
-            reply = self._client.post(f"{worker}/worker_get_status", json={}, timeout=CONNECT_TIMEOUT)
-            aspect = reply.json().get("image_aspect_ratio") or aspect
-        except (httpx.HTTPError, ValueError, AttributeError) as err:
-            logger.warning("Cannot read the status of %s: %s", worker, err)
-        with self._lock:
-            self._aspect[worker] = aspect
-        return aspect
-
-    def stream(self, worker: str, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        """The worker's messages for ``payload``; a non-200 answer becomes one message with its error."""
-        with self._client.stream("POST", f"{worker}/worker_generate_stream", json=dict(payload)) as response:
+    def stream(self, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """The messages answering ``payload`` (routed on its ``model``); a refusal (503 no worker, 429 busy, a 4xx
+        from the worker, 502/504 worker failure) becomes one message with its ``error_code`` and ``status``."""
+        url = f"{self.controller_url}/worker_generate_stream"
+        with self._client.stream("POST", url, json=dict(payload)) as response:
             if response.status_code != 200:
                 body = response.read()
                 try:
                     message = json.loads(body.rstrip(b"\0"))
                 except ValueError:
+                    message = None
+                if not isinstance(message, dict):
                     message = {"text": body[:200].decode("utf-8", "replace")}
-                text = message.get("text") if isinstance(message, dict) else None
-                yield {"text": text or f"HTTP {response.status_code}",
-                       "error_code": int(message.get("error_code", ErrorCode.WORKER_ERROR))
-                       if isinstance(message, dict) else int(ErrorCode.WORKER_ERROR)}
+                code = message.get("error_code")
+                yield {"text": str(message.get("text") or message.get("detail") or f"HTTP {response.status_code}"),
+                       "error_code": code if isinstance(code, int) and code else int(ErrorCode.WORKER_ERROR),
+                       "status": response.status_code}
                 return
             decoder = StreamDecoder()
             for raw in response.iter_bytes():
@@ -388,6 +384,18 @@ class BotSettings:
     add_region_feature: bool = False
 
 
+def _without_image_data(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The request's messages for the log: the image is logged as a file, not as a data URL in every line."""
+    logged = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [p if p.get("type") != "image_url" else {"type": "image_url", "image_url": {"url": "<image>"}}
+                       for p in content]
+        logged.append({**message, "content": content})
+    return logged
+
+
 def answer(settings: BotSettings, session: WebSession, model: str | None, temperature: float, top_p: float,
            max_new_tokens: int, ip: str | None = None) -> Iterator[WebSession]:
     """Stream the answer to the last question into ``session.chat``; yields the session after each update."""
@@ -405,38 +413,31 @@ def answer(settings: BotSettings, session: WebSession, model: str | None, temper
     if not model:
         yield fail("No model is available: start a model worker, then reload the page.")
         return
-    try:
-        worker = settings.controller.worker_address(model)
-    except (httpx.HTTPError, ValueError) as err:
-        yield fail(f"The controller cannot be reached ({err}).")
-        return
-    if not worker:
-        yield fail(f"No worker serves {model!r} right now; refresh the page or try again.")
-        return
     image = session.image
-    frame = image_frame(settings.controller.aspect_ratio(worker), *image.size)
     try:
-        prompt, ordered = build_prompt(session.turns, [r for _, r in session.regions], frame,
-                                       settings.add_region_feature)
+        messages = build_messages(session.turns, [r for _, r in session.regions], image)
     except UserError as err:
         yield fail(str(err))
         return
-    payload = build_generate_payload(prompt, [image], ordered, model=model, temperature=float(temperature),
-                                     top_p=float(top_p), max_new_tokens=int(min(max_new_tokens, MAX_OUTPUT_TOKENS)),
-                                     stop=STOP)
+    # region_feature: only an explicit --add_region_feature overrides the worker, which otherwise follows its
+    # checkpoint (a model with a region sampler reads region features)
+    payload = build_chat_payload(messages, model=model, temperature=float(temperature), top_p=float(top_p),
+                                 max_new_tokens=int(min(max_new_tokens, MAX_OUTPUT_TOKENS)), stop=STOP,
+                                 region_feature=True if settings.add_region_feature else None)
     output = ""
     last: dict[str, Any] = {}
     try:
-        for message in settings.controller.stream(worker, payload):
+        for message in settings.controller.stream(payload):
             if message.get("error_code", 0) != 0:
-                yield fail(f"{message.get('text', 'error')} (error_code {message.get('error_code')})")
+                status = f"HTTP {message['status']}, " if "status" in message else ""
+                yield fail(f"{message.get('text', 'error')} ({status}error_code {message.get('error_code')})")
                 return
             last = message
-            output = str(message.get("text", ""))[len(prompt):].strip()
+            output = str(message.get("text", "")).strip()
             session.chat[-1] = {"role": "assistant", "content": output + CURSOR}
             yield session
     except (httpx.HTTPError, ValueError) as err:
-        yield fail(f"The worker {worker} failed: {err}")
+        yield fail(f"The controller {settings.controller.controller_url} failed: {err}")
         return
     session.grounded = grounded_from_message(last, output, image.size)
     session.chat[-1] = {"role": "assistant", "content": output or "*(empty answer)*"}
@@ -446,7 +447,7 @@ def answer(settings: BotSettings, session: WebSession, model: str | None, temper
         settings.log.write({
             "tstamp": round(finish, 4), "type": "chat", "model": model, "start": round(start, 4),
             "finish": round(finish, 4), "ip": ip, "image": settings.log.save_image(image, start),
-            "prompt": prompt, "output": output,
+            "messages": _without_image_data(messages), "output": output,
             "grounded": [{"phrase": g.phrase, **region_to_dict(g.region)} for g in session.grounded],
             **_session_record(session),
         })

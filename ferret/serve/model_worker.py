@@ -2,17 +2,27 @@
 
 Endpoints (POST, JSON):
 
-    /worker_generate_stream   a generation request (ferret.serve.protocol: prompt with <image> and <region_fea>,
-                              base64 images, compact regions or the legacy dense region_masks, temperature, top_p,
-                              max_new_tokens, stop) -> a stream of ``{"text": prompt + output_so_far,
-                              "error_code": 0}`` messages, each followed by ``\\0``, every ``stream_interval``
-                              tokens. The last message also carries ``finish_reason``, ``usage``, and, for a request
-                              with an image, ``regions`` (the grounded boxes/points of the output in pixels of the
-                              image, via FerretProcessor.post_process) and ``clean_text``.
+    /worker_generate_stream   a generation request (ferret.serve.protocol): structured ``messages`` (the OpenAI
+                              API's shape: text with ``<regionK>`` placeholders, per-message ``regions`` in pixels,
+                              the image as an image_url data URL) plus temperature, top_p, max_new_tokens, stop; the
+                              prompt and region masks are built by FerretProcessor.encode. The original's templated
+                              ``prompt`` with base64 ``images`` and ``regions`` / dense ``region_masks`` is still
+                              accepted. The answer is a stream of ``{"text": ..., "error_code": 0}`` messages, each
+                              followed by ``\\0``, every ``stream_interval`` tokens; ``text`` is the output so far
+                              (for a legacy ``prompt`` request, prompt + output, as the original). The last message
+                              also carries ``finish_reason``, ``usage``, and, for a request with an image,
+                              ``regions`` (the grounded boxes/points of the output in pixels of the image, via
+                              FerretProcessor.post_process) and ``clean_text``.
                               A rejected request gets one JSON message ``{"text": why, "error_code": 4}`` with HTTP
                               400/413/422; a worker already running ``limit_model_concurrency`` requests answers
-                              at once with HTTP 429 and ``error_code`` 5 (never queues, never hangs).
+                              at once with HTTP 429 and ``error_code`` 5 (never queues, never hangs); with an API
+                              key set, a request without ``Authorization: Bearer <key>`` gets 401.
     /worker_get_status        {"model_names": [name], "speed": 1, "queue_length": requests in flight, ...}
+
+Region features are read when the checkpoint has a region sampler (``region_geo_sampler`` in its config);
+``--no-region-feature`` / ``--region-feature`` override that, and a request may too (``"region_feature"``).
+With a controller secret (``--register-secret`` or ``$FERRET_WORKER_SECRET``) the worker presents it when it
+registers and sends heartbeats.
 
 Differences from the original, on purpose: multimodality never depends on the model's name (§8 item 11); top_p is
 honoured; a missing ``stop`` is fine; a prompt that does not fit is refused instead of left-truncated through the
@@ -25,9 +35,8 @@ Run::
         http://127.0.0.1:21001 --port 21002 --worker-address http://127.0.0.1:21002
 """
 
-from __future__ import annotations
-
 import argparse
+import json
 import logging
 import os
 import threading
@@ -36,19 +45,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from ferret.constants import WORKER_HEART_BEAT_INTERVAL
-from ferret.serve.http_utils import GuardedStreamingResponse
-from ferret.serve.inference import ConcurrencyLimiter, PromptTooLong, SamplingParams, Step, start_streaming
+
+# Only light modules at the top: `--help` must not pay for torch, transformers or fastapi (they load on use).
 from ferret.serve.protocol import (
+    API_KEY_ENV,
+    WORKER_SECRET_ENV,
     ErrorCode,
     RequestError,
     RequestLimits,
+    add_region_feature_arguments,
     encode_chunk,
     grounded_to_dict,
     parse_generate_request,
+    resolve_region_feature,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +69,8 @@ DEFAULT_HTTP_TIMEOUT = 5.0  # seconds for register / heartbeat calls to the cont
 
 def error_status(err: BaseException) -> tuple[int, str]:
     """(HTTP status, message) for a request that failed before generation started."""
+    from ferret.serve.inference import PromptTooLong
+
     if isinstance(err, RequestError):
         return err.status, err.message
     if isinstance(err, PromptTooLong):
@@ -81,6 +94,10 @@ class ModelWorker:
             only once the controller knows the worker through some other way).
         heart_beat_interval: seconds between heartbeats.
         limits: request limits (image size, regions, max_new_tokens cap).
+        region_feature: None reads region features when the checkpoint has a region sampler; True/False force it.
+        api_key: when set, ``/worker_generate_stream`` requires ``Authorization: Bearer <api_key>``.
+        controller_secret: presented to the controller (``Authorization: Bearer``) on register and heartbeat.
+        max_body_bytes: larger request bodies are refused (413) while they are read.
     """
 
     def __init__(
@@ -97,7 +114,13 @@ class ModelWorker:
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
         limits: RequestLimits = RequestLimits(),
         http_timeout: float = DEFAULT_HTTP_TIMEOUT,
+        region_feature: bool | None = None,
+        api_key: str | None = None,
+        controller_secret: str | None = None,
+        max_body_bytes: int = 32 * 1024 * 1024,
     ):
+        from ferret.serve.inference import ConcurrencyLimiter
+
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.model = model
@@ -112,6 +135,10 @@ class ModelWorker:
         self.heart_beat_interval = heart_beat_interval
         self.limits = limits
         self.http_timeout = http_timeout
+        self.region_feature = resolve_region_feature(region_feature, getattr(model, "config", None))
+        self.api_key = api_key or None
+        self.controller_secret = controller_secret or None
+        self.max_body_bytes = max_body_bytes
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,6 +153,7 @@ class ModelWorker:
             "limit_model_concurrency": self.limiter.limit,
             "context_length": self.processor.model_max_length,
             "image_aspect_ratio": self.processor.image_aspect_ratio,
+            "region_feature": self.region_feature,
         }
 
     def register_to_controller(self) -> bool:
@@ -166,7 +194,8 @@ class ModelWorker:
 
     def _http(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(timeout=self.http_timeout, trust_env=False)
+            headers = {"Authorization": f"Bearer {self.controller_secret}"} if self.controller_secret else None
+            self._client = httpx.Client(timeout=self.http_timeout, trust_env=False, headers=headers)
         return self._client
 
     def start(self) -> None:
@@ -202,10 +231,39 @@ class ModelWorker:
                     logger.exception("Heartbeat failed")
 
     # ------------------------------------------------------------------ generation
-    def prepare(self, payload: Any) -> tuple[dict[str, Any], SamplingParams, dict[str, Any]]:
-        """Validate a payload and encode it. Returns (features, sampling params, request info). Raises
+    def prepare(self, payload: Any) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """Validate a payload and encode it. Returns (features, SamplingParams, request info). Raises
         RequestError / ValueError naming what is wrong. Runs in the generation thread."""
+        from ferret.serve.inference import SamplingParams
+
         request = parse_generate_request(payload, self.limits)
+        if request.chat is not None:
+            features = self._encode_chat(request)
+        else:
+            features = self._encode_prompt(request)
+        params = SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_new_tokens=request.max_new_tokens,
+            stop=(request.stop,) if request.stop else (),
+        )
+        return features, params, {"prompt": request.prompt or "", "image_size": request.image_size}
+
+    def _encode_chat(self, request: Any) -> dict[str, Any]:
+        """Structured messages -> model inputs, through FerretProcessor.encode (template, coordinates, masks)."""
+        chat = request.chat
+        region_feature = self.region_feature if request.region_feature is None else request.region_feature
+        try:
+            return self.processor.encode(chat.turns, chat.image, regions=chat.regions,
+                                         image_size=None if chat.image is not None else (1000, 1000),
+                                         add_generation_prompt=True, truncate=False, region_feature=region_feature)
+        except ValueError as err:
+            raise RequestError(str(err), 422) from err
+
+    def _encode_prompt(self, request: Any) -> dict[str, Any]:
+        """The original's request: a templated prompt with one mask per ``<region_fea>`` (a thin adapter)."""
+        from ferret.serve.inference import PromptTooLong
+
         region_masks = []
         if request.regions:
             from ferret import regions as R
@@ -218,20 +276,13 @@ class ModelWorker:
                     raise RequestError(f"region {spec.index} ({spec.kind}): {err}", 422) from err
         image = request.images[0] if request.images else None
         try:
-            features = self.processor.encode_prompt(request.prompt, image, region_masks)
+            return self.processor.encode_prompt(request.prompt, image, region_masks)
         except ValueError as err:
             if "the limit is" in str(err):  # longer than the context: refused, never truncated
                 raise PromptTooLong(str(err)) from err
             raise RequestError(str(err), 422) from err
-        params = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            max_new_tokens=request.max_new_tokens,
-            stop=(request.stop,) if request.stop else (),
-        )
-        return features, params, {"prompt": request.prompt, "image_size": request.image_size}
 
-    def final_message(self, step: Step, prompt: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
+    def final_message(self, step: Any, prompt: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
         message: dict[str, Any] = {
             "text": prompt + step.text,
             "error_code": int(ErrorCode.OK),
@@ -249,12 +300,24 @@ class ModelWorker:
         return message
 
 
-def _error_response(text: str, status: int, code: ErrorCode, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"text": text, "error_code": int(code)}, status_code=status, headers=headers)
+def _error_response(text: str, status: int, code: ErrorCode, headers: dict[str, str] | None = None):
+    from starlette.responses import Response
+
+    # ASCII JSON: the text may quote the client's input, and a lone surrogate cannot be UTF-8 encoded
+    return Response(json.dumps({"text": text, "error_code": int(code)}), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def create_app(worker: ModelWorker):
     """The FastAPI app of ``worker``; registration and heartbeats run for the app's lifetime."""
+    # This module has no `from __future__ import annotations`: FastAPI reads the handlers' annotations, and
+    # `Request` is imported here, not at module level.
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    from ferret.serve.api import ApiError, bearer_matches, read_json_body
+    from ferret.serve.http_utils import GuardedStreamingResponse
+    from ferret.serve.inference import SamplingParams, start_streaming
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -270,6 +333,9 @@ def create_app(worker: ModelWorker):
     # Handlers are async and never block: validation, encoding and generation run in the generation thread.
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
+        if worker.api_key is not None and not bearer_matches(request.headers.get("authorization"), worker.api_key):
+            return _error_response("missing or incorrect API key: send 'Authorization: Bearer <key>'", 401,
+                                   ErrorCode.BAD_REQUEST, headers={"WWW-Authenticate": "Bearer"})
         slot = worker.limiter.try_acquire()
         if slot is None:
             return _error_response(
@@ -279,10 +345,10 @@ def create_app(worker: ModelWorker):
                 headers={"Retry-After": "1"},
             )
         try:
-            payload = await request.json()
-        except ValueError as err:
+            payload = await read_json_body(request, worker.max_body_bytes)
+        except ApiError as err:
             slot.release()
-            return _error_response(f"the request body is not JSON: {err}", 400, ErrorCode.BAD_REQUEST)
+            return _error_response(err.message, err.status, ErrorCode.BAD_REQUEST)
         except BaseException:
             slot.release()
             raise
@@ -351,8 +417,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-register", action="store_true", help="do not register with the controller")
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
-    parser.add_argument("--add_region_feature", action="store_true",
-                        help="accepted for compatibility: <region_fea> tokens in a prompt always get region features")
+    add_region_feature_arguments(parser)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require 'Authorization: Bearer <key>' on /worker_generate_stream (env {API_KEY_ENV})")
+    parser.add_argument("--register-secret", default=os.environ.get(WORKER_SECRET_ENV) or None,
+                        help=f"secret presented to the controller when registering (env {WORKER_SECRET_ENV})")
     parser.add_argument("--image_w", type=int, default=None, help="ignored: the checkpoint sets the image size")
     parser.add_argument("--image_h", type=int, default=None, help="ignored: the checkpoint sets the image size")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps, cpu")
@@ -360,6 +429,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="seconds between heartbeats to the controller")
     parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens,
                         help="largest max_new_tokens a request may ask for")
+    parser.add_argument("--max-regions", type=int, default=RequestLimits().max_regions,
+                        help="most region references (placeholders) one request may make; checked before any mask "
+                             "is built")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -393,10 +465,13 @@ def main(argv: list[str] | None = None) -> None:
         stream_interval=args.stream_interval,
         register=not args.no_register,
         heart_beat_interval=args.heart_beat_interval,
-        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit),
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions),
+        region_feature=args.region_feature,
+        api_key=args.api_key,
+        controller_secret=args.register_secret,
     )
-    logger.info("Serving %s on %s (device %s, %s images)", model_name, worker.worker_address, model.device,
-                processor.image_aspect_ratio)
+    logger.info("Serving %s on %s (device %s, %s images, region features %s)", model_name, worker.worker_address,
+                model.device, processor.image_aspect_ratio, "on" if worker.region_feature else "off")
     uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 
