@@ -37,6 +37,7 @@ Command line::
     .venv/bin/ferret demo --quick         # about 1.5 minutes: smaller world, 150 tower and 150 training steps
     .venv/bin/ferret demo --ablation      # + the run without region features (twice the training time)
     .venv/bin/ferret demo --figs figs     # also refresh the README's figures (figs/ of the repository)
+    .venv/bin/ferret demo --tiny          # a smoke test of every stage in seconds
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -112,13 +114,14 @@ class DemoConfig:
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
-    # Stage 0: the vision tower (see pretrain_vision_tower).
-    tower_steps: int = 1500
+    # Stage 0: the vision tower (see pretrain_vision_tower). 1,000 steps (was 1,500) and 1,000 training steps (was
+    # 1,500) with bf16 autocast keep `make demo` within 12 minutes on one core.
+    tower_steps: int = 1000
     tower_batch_size: int = 64
     tower_learning_rate: float = 5e-3
     tower_box_weight: float = 0.5
     # Training.
-    max_steps: int = 1500
+    max_steps: int = 1000
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
@@ -164,6 +167,10 @@ class DemoConfig:
 # `--quick`: the same model and recipe, on a smaller world with shorter stages; a look at every stage and output
 # in about 1.5 minutes (its numbers are far below the full run's).
 QUICK = {"num_train": 1000, "num_test": 100, "tower_steps": 150, "max_steps": 150, "logging_steps": 5}
+# `--tiny`: a smoke test of every stage in seconds (what the tests of the README's commands use); its numbers mean
+# nothing.
+TINY = {"num_train": 40, "num_test": 20, "vocab_size": 360, "tower_steps": 3, "tower_batch_size": 8, "max_steps": 4,
+        "batch_size": 4, "eval_batch_size": 20, "max_new_tokens": 12, "logging_steps": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,13 +242,17 @@ class Stages:
     ``plan`` maps a stage key to (title, expected seconds). A stage reused from a cache is expected to take ~1 s.
     """
 
-    def __init__(self, plan: dict[str, tuple[str, float]], out=sys.stdout):
+    def __init__(self, plan: dict[str, tuple[str, float]], out=None):
         self.plan = dict(plan)
-        self.out = out
+        self._out = out
         self.done: dict[str, float] = {}
         self.start_time = time.time()
         self._stage: str | None = None
         self._stage_start = 0.0
+
+    @property
+    def out(self):
+        return self._out if self._out is not None else sys.stdout
 
     def expect(self, key: str, seconds: float) -> None:
         title, _ = self.plan[key]
@@ -288,6 +299,23 @@ def world_config(config: DemoConfig) -> "WorldConfig":
                        max_size_fraction=config.max_size_fraction)
 
 
+def _world_stamp(config: DemoConfig) -> dict[str, Any]:
+    return {
+        "seed": config.world_seed,
+        "image_size": config.image_size,
+        "sizes": {"train": config.num_train, "val": 0, "test": config.num_test},
+        "config": json.loads(json.dumps(dataclasses.asdict(world_config(config)))),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def world_is_ready(world_dir: Path, config: DemoConfig) -> bool:
+    """Whether ``world_dir`` holds the world and tokenizer of these settings."""
+    stamp = world_dir / "demo_world.json"
+    return (stamp.is_file() and json.loads(stamp.read_text()) == _world_stamp(config)
+            and (world_dir / "tokenizer" / "tokenizer.json").is_file())
+
+
 def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path, bool]:
     """Generates the world and its tokenizer under ``world_dir`` unless they are there with the same settings.
 
@@ -296,16 +324,8 @@ def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path, bool
     from ferret.data.toy import make_world, train_toy_tokenizer, world_corpus
 
     world = world_config(config)
-    wanted = {
-        "seed": config.world_seed,
-        "image_size": config.image_size,
-        "sizes": {"train": config.num_train, "val": 0, "test": config.num_test},
-        "config": json.loads(json.dumps(dataclasses.asdict(world))),
-        "vocab_size": config.vocab_size,
-    }
-    stamp = world_dir / "demo_world.json"
     tokenizer_dir = world_dir / "tokenizer"
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (tokenizer_dir / "tokenizer.json").is_file():
+    if world_is_ready(world_dir, config):
         logger.info("reusing the toy world in %s", world_dir)
         return world_dir, tokenizer_dir, True
     if world_dir.exists():
@@ -314,7 +334,7 @@ def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path, bool
     splits = make_world(world_dir, num_train=config.num_train, num_val=0, num_test=config.num_test,
                         image_size=config.image_size, seed=config.world_seed, config=world)
     train_toy_tokenizer(tokenizer_dir, world_corpus(splits["train"]), vocab_size=config.vocab_size)
-    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    (world_dir / "demo_world.json").write_text(json.dumps(_world_stamp(config), indent=2) + "\n")
     logger.info("generated the toy world (%d train, %d test) and its tokenizer in %.0f s", config.num_train,
                 config.num_test, time.perf_counter() - start)
     return world_dir, tokenizer_dir, False
@@ -546,12 +566,16 @@ class Prepared:
 
 def prepare(out_dir: Path, config: DemoConfig, stages: Stages | None = None) -> Prepared:
     """World + tokenizer (cached), the --init_config JSON, then the vision tower (stage 0, cached)."""
-    stages = stages or Stages(plan_stages(config, out_dir), out=open(os.devnull, "w"))
+    stages = stages or Stages(plan_stages(config, out_dir), out=io.StringIO())
+    if world_is_ready(out_dir / "world", config):
+        stages.expect("world", 1.0)
     stages.begin("world", f"{config.num_train:,} training and {config.num_test:,} test records, "
                           f"{config.image_size} px images")
     world_dir, tokenizer_dir, reused = prepare_world(out_dir / "world", config)
     stages.end("reused" if reused else "")
     model_config, vision_config = write_model_config(out_dir / "model_config.json", tokenizer_dir, config)
+    if (out_dir / VISION_TOWER_DIR / tower_key(vision_config, world_dir, config) / "stage0.json").is_file():
+        stages.expect("tower", 1.0)
     stages.begin("tower", f"{config.tower_steps:,} steps of batch {config.tower_batch_size}")
     tower, facts, cached = cached_vision_tower(out_dir / VISION_TOWER_DIR, vision_config, world_dir, tokenizer_dir,
                                                config)
@@ -834,13 +858,14 @@ def normal_modes(folder: Path) -> int:
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None = None, *,
-             figs_dir: str | os.PathLike | None = None, ablation: bool = False, out=sys.stdout,
+             figs_dir: str | os.PathLike | None = None, ablation: bool = False, out=None,
              **overrides: Any) -> dict[str, Any]:
     """Builds the world, trains, evaluates, draws; returns what ``metrics.json`` holds (plus ``ablation``).
 
     ``overrides`` replace fields of ``config`` (e.g. ``max_steps=5``); ``figs_dir`` defaults to ``out_dir/figs``.
     """
     config = dataclasses.replace(config or DemoConfig(), **overrides)
+    out = out if out is not None else sys.stdout
     out_dir = Path(out_dir)
     figs_dir = Path(figs_dir) if figs_dir is not None else out_dir / "figs"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -943,6 +968,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="about 1.5 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                              + " (options given explicitly win)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke test in seconds (40 records, a few steps; overrides --quick): "
+                             + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--ablation", action="store_true",
                         help="also train without region features (coordinates only) and compare")
     parser.add_argument("--threads", type=int, default=None,
@@ -961,6 +989,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(QUICK) if args.quick else {}
+    if args.tiny:
+        overrides.update(TINY)
     for name in ("threads", "precision", "seed", "max_steps", "batch_size", "num_train", "num_test", "tower_steps", "save_steps",
                  "learning_rate"):
         if getattr(args, name) is not None:

@@ -56,8 +56,8 @@ HELP = (
     "  /scribble x1,y1,x2,y2,... add a stroke through the points\n"
     "  /mask file.png            add the non-zero pixels of a PNG the size of the image\n"
     "  /clear                    forget the conversation and pending regions\n"
-    "  /help              this text\n"
-    "  exit               quit (so does end of input)"
+    "  /help                     this text\n"
+    "  exit                      quit (so does end of input)"
 )
 
 
