@@ -132,8 +132,11 @@ def test_small_uploads_are_shown_upscaled_and_strokes_map_back():
     session, text = gws.add_region(session, value, "Point", "")
     assert session.image.size == (56, 56) and session.regions == [("point", R.Point(10, 20))]
     assert text == "[region0]"
-    # the display copy is the same picture: the conversation goes on
+    # the display copy is the same picture: the conversation goes on, also after a lossy round trip
     assert not session.set_image(gws.editor_image(value))
+    noisy = np.clip(np.asarray(shown).astype(int) + np.random.default_rng(0).integers(-3, 4, (448, 448, 3)), 0, 255)
+    assert not session.set_image(Image.fromarray(noisy.astype(np.uint8))) and len(session.regions) == 1
+    assert session.set_image(Image.new("RGB", (448, 448), "white"))  # another picture of that size is new
 
 
 def test_upload_limits():

@@ -113,11 +113,22 @@ class WebSession:
 
         The editor's upscaled display copy of the current image (see `display_image`) counts as the same image."""
         key = _image_key(image)
-        if key in (self.image_key, self.display_key):
+        if key in (self.image_key, self.display_key) or self._is_display_copy(image):
             return False
         self.image, self.image_key, self.display_key = image, key, None
         self.reset_conversation()
         return True
+
+    def _is_display_copy(self, image: Image.Image) -> bool:
+        """Whether ``image`` is the editor's upscaled copy of the current image after an encoding round trip:
+        k times its size, and the same picture when sampled at the centres of the k x k blocks."""
+        if self.image is None or self.display_key is None:
+            return False
+        factor = upscale_factor(self.image.size, DISPLAY_MIN_SIDE)
+        if image.size != (self.image.width * factor, self.image.height * factor):
+            return False
+        centres = np.asarray(image.convert("RGB"), dtype=np.int16)[factor // 2::factor, factor // 2::factor]
+        return float(np.abs(centres - np.asarray(self.image.convert("RGB"), dtype=np.int16)).mean()) < 8.0
 
     def display_image(self) -> Image.Image | None:
         """The image as the editor shows it: upscaled (NEAREST) to at least DISPLAY_MIN_SIDE px when smaller."""
@@ -625,9 +636,13 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
         session.grounded = []
         return session, list(session.chat)
 
-    def on_clear(session):
-        # Everything back to the start; the editor gets an empty value (gradio >= 5.12 clears its canvas on None).
-        return WebSession(), [], "", [], None, None, gr.ImageEditor(value=None)
+    def on_clear(session, editor_value):
+        # Everything back to the start. An editor holding a picture gets the value None: gradio 6 then clears its
+        # canvas and is ready for the next upload. An empty editor is left alone: resetting it again (None, an
+        # empty EditorValue or gr.ImageEditor(value=None)) could leave it stuck at "processing".
+        # tests/test_serve_browser.py clears both and uploads and draws again.
+        has_picture = bool(editor_value) and editor_value.get("background") is not None
+        return WebSession(), [], "", [], None, None, None if has_picture else gr.skip()
 
     def on_vote(kind):
         def handler(session, model, request):
@@ -655,7 +670,7 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
                     eraser=gr.Eraser(default_size="auto"),
                     brush=gr.Brush(default_size="auto", colors=["#ff3030"], color_mode="fixed"),
                     label="Image: draw a referring region with the brush", elem_id="ferret_image",
-                    canvas_size=(640, 480), image_mode="RGB",
+                    canvas_size=(640, 480), image_mode="RGB", format="png",
                 )
                 with gr.Row():
                     refer_type = gr.Radio(list(REFER_TYPES), value="Box", label="Referring Input Type",
@@ -694,7 +709,7 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
             trigger(on_add_text, [state, textbox, editor], [state, chatbot, textbox, cache, preview]).then(
                 on_answer, gen_inputs, gen_outputs)
         regenerate_btn.click(on_regenerate, [state], [state, chatbot]).then(on_answer, gen_inputs, gen_outputs)
-        clear_btn.click(on_clear, [state], [state, chatbot, textbox, cache, preview, output_vis, editor])
+        clear_btn.click(on_clear, [state, editor], [state, chatbot, textbox, cache, preview, output_vis, editor])
         upvote_btn.click(on_vote("upvote"), [state, model_selector], None)
         downvote_btn.click(on_vote("downvote"), [state, model_selector], None)
         if args.model_list_mode == "reload":
