@@ -33,8 +33,8 @@ Files written (``out_dir`` defaults to ``runs/demo``, ``runs/demo-quick`` with `
 
 Command line::
 
-    .venv/bin/ferret demo                 # (= make demo) about 11 minutes on one core of a 2-core machine
-    .venv/bin/ferret demo --quick         # about 1.5 minutes: smaller world, 150 tower and 150 training steps
+    .venv/bin/ferret demo                 # (= make demo) about 12 minutes of one core
+    .venv/bin/ferret demo --quick         # about 2 minutes: smaller world, 150 tower and 150 training steps
     .venv/bin/ferret demo --ablation      # + the run without region features (twice the training time)
     .venv/bin/ferret demo --figs figs     # also refresh the README's figures (figs/ of the repository)
     .venv/bin/ferret demo --tiny          # a smoke test of every stage in seconds
@@ -165,7 +165,7 @@ class DemoConfig:
 
 
 # `--quick`: the same model and recipe, on a smaller world with shorter stages; a look at every stage and output
-# in about 1.5 minutes (its numbers are far below the full run's).
+# in about 2 minutes of one core (its numbers are far below the full run's).
 QUICK = {"num_train": 1000, "num_test": 100, "tower_steps": 150, "max_steps": 150, "logging_steps": 5}
 # `--tiny`: a smoke test of every stage in seconds (what the tests of the README's commands use); its numbers mean
 # nothing.
@@ -222,18 +222,19 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-# Seconds per unit of work measured with 1 thread on an idle core of the 2-core machine (Xeon, 2026-11-30);
-# the banners' expectations are these times the amount of work. Under load the ETA is rescaled by what the
-# finished stages took.
+# CPU seconds per unit of work with 1 thread, measured on the 2-core AMD EPYC machine (AVX512-BF16), 2026-11-30:
+# the process's own CPU time, i.e. what a run takes when it has one core to itself. The banners' expectations are
+# these times the amount of work; under heavier load the ETA is rescaled by what the finished stages took.
 SECONDS_PER = {
-    "world_record": 0.0014,      # one generated record (image + masks + text)
-    "tower_image": 0.00125,      # one image through stage 0, forward + backward
-    "tower_load_record": 0.0012, # one image's patch targets
-    "train_sample": 0.022,       # one training sample, forward + backward (batch 16)
-    "train_start": 8.0,          # building the model and the dataset
-    "eval_record": 0.03,         # one test answer (greedy, batched)
+    "world_record": 0.0014,  # one generated record (image + masks + text)
+    "tower_image": 0.0021,  # one image through stage 0, forward + backward (bf16 autocast; fp32 ~1.2x)
+    "tower_load_record": 0.0012,  # one image's patch targets
+    "train_sample": 0.034,  # one training sample, forward + backward, batch 16 (bf16 autocast; fp32 ~1.15x)
+    "train_start": 8.0,  # building the model and the dataset
+    "eval_record": 0.03,  # one test answer (greedy, batched)
     "figures": 3.0,
 }
+FP32_SLOWDOWN = {"tower_image": 1.2, "train_sample": 1.15}
 
 
 class Stages:
@@ -824,7 +825,7 @@ def summary_table(runs: dict[str, dict[str, float | None]]) -> str:
 
 def plan_stages(config: DemoConfig, out_dir: Path, ablation: bool = False) -> dict[str, tuple[str, float]]:
     """Each stage's title and expected seconds on an idle core (`SECONDS_PER`), before looking at any cache."""
-    s = SECONDS_PER
+    s = {k: v * (1.0 if config.bf16 else FP32_SLOWDOWN.get(k, 1.0)) for k, v in SECONDS_PER.items()}
     world = config.num_train * s["world_record"] + config.num_test * s["world_record"]
     tower = (config.tower_steps * config.tower_batch_size * s["tower_image"]
              + (config.num_train + config.num_test) * s["tower_load_record"])
@@ -966,7 +967,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figs", default=None,
                         help="folder of the figures (default OUT/figs; `--figs figs` refreshes the README's)")
     parser.add_argument("--quick", action="store_true",
-                        help="about 1.5 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                        help="about 2 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                              + " (options given explicitly win)")
     parser.add_argument("--tiny", action="store_true",
                         help="a smoke test in seconds (40 records, a few steps; overrides --quick): "

@@ -27,7 +27,7 @@ from serve_helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mark>[^>]*?) -->\n)?```bash\n(?P<body>.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mark>[^\n]*?) -->\n)?```bash\n(?P<body>.*?)^```", re.S | re.M)
 PORTS = ("21001", "21002", "7860", "8000", "6006")
 # (what a shortened block contains, what it becomes): each shortened block must match at least one.
 SHORTENINGS = [
@@ -60,6 +60,8 @@ def test_every_block_is_found_and_marked_sensibly():
         for mark, body in found:
             assert mark is None or mark.startswith(("skip (", "shortened (")), (document, mark)
             assert not re.search(r"(?m)^\s*python3? ", body), f"bare python in {document}:\n{body}"
+            if mark is None:  # a block that runs cannot hold placeholders
+                assert not re.search(r"<[a-z_]+>|\bCKPT\b", body), f"placeholders in a runnable block:\n{body}"
             if mark and mark.startswith("shortened"):
                 shorten(body)
     assert shorten("ferret demo --quick") == "ferret demo --tiny --quick"
