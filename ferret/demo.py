@@ -623,8 +623,8 @@ def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_
 
 
 def _run_stamp(argv: list[str], config: DemoConfig) -> dict[str, Any]:
-    """What a resumable training run depends on: its command line, the threads, and the trainer's inputs' content
-    (a tower or world rebuilt with other settings lands at other paths or changes the hashes)."""
+    """What a resumable training run depends on: its command line (which names the stage-0 tower by its key, a
+    hash that covers the world's training split) and the threads."""
     return {"argv": argv, "threads": config.threads}
 
 
@@ -864,7 +864,19 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
     """Builds the world, trains, evaluates, draws; returns what ``metrics.json`` holds (plus ``ablation``).
 
     ``overrides`` replace fields of ``config`` (e.g. ``max_steps=5``); ``figs_dir`` defaults to ``out_dir/figs``.
+    torch's thread count and deterministic mode are restored afterwards (the demo may run inside another program).
     """
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run_demo(out_dir, config, figs_dir=figs_dir, ablation=ablation, out=out, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[str, Any]:
     config = dataclasses.replace(config or DemoConfig(), **overrides)
     out = out if out is not None else sys.stdout
     out_dir = Path(out_dir)
