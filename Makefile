@@ -1,5 +1,6 @@
 # The two commands of the README's Quickstart:
-#   make demo   set everything up, then train the tiny toy-world Ferret on CPU and evaluate it
+#   make demo   set everything up, then train the tiny toy-world Ferret on CPU and evaluate it (~12 min of one core;
+#               `make demo DEMO_ARGS=--quick` in ~2 min; outputs and figures under runs/demo/, resumable)
 #   make test   set everything up, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -38,8 +39,10 @@ test: setup browser java
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+DEMO_ARGS ?=
+
 demo: setup
-	$(BIN)/python -m ferret.cli demo
+	$(BIN)/ferret demo $(DEMO_ARGS)
 
 bench: setup
 	for b in scripts/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done

@@ -9,7 +9,9 @@
     ferret merge-lora ARGS                       merge a LoRA adapter into its base
 
 Each subcommand forwards the rest of the command line to the module's `main(argv)`, so
-`ferret SUBCOMMAND --help` prints that module's own help.
+`ferret SUBCOMMAND --help` prints that module's own help, under its own name (`usage: ferret serve api ...`).
+Nothing but the chosen module is imported, so `--help` stays fast where the module keeps its heavy imports
+inside functions.
 """
 
 from __future__ import annotations
@@ -42,12 +44,33 @@ GROUPS = {
 }
 
 
+GROUP_HELP = {
+    "eval": "evaluate a model on a benchmark: infer writes answers, score computes the metrics",
+    "serve": "serve a model: controller + worker(s) + web UI, an OpenAI-compatible API, or a command-line chat",
+    "data": "check GRIT-format data, or generate the synthetic toy world",
+}
+
+
 def _usage() -> str:
     return __doc__.split("\n\n")[1]
 
 
-def _run(module: str, argv: list[str]) -> int:
-    result = importlib.import_module(module).main(argv)
+def _group_usage(command: str) -> str:
+    names = GROUPS[command]
+    lines = [f"usage: ferret {command} {{{','.join(names)}}} [ARGS]", "", GROUP_HELP.get(command, ""), ""]
+    lines += [f"  ferret {command} {name:<14} = python -m {module}" for name, module in names.items()]
+    lines += ["", f"`ferret {command} NAME --help` prints the options of one of them."]
+    return "\n".join(lines)
+
+
+def _run(prog: str, module: str, argv: list[str]) -> int:
+    """``module.main(argv)`` with ``prog`` as the program name its argparse usage shows."""
+    saved = sys.argv[0]
+    sys.argv[0] = prog  # argparse's default prog is the base name of argv[0]
+    try:
+        result = importlib.import_module(module).main(argv)
+    finally:
+        sys.argv[0] = saved
     return int(result or 0)
 
 
@@ -58,13 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command in COMMANDS:
-        return _run(COMMANDS[command], rest)
+        return _run(f"ferret {command}", COMMANDS[command], rest)
     if command in GROUPS:
         group = GROUPS[command]
+        if rest and rest[0] in ("-h", "--help", "help"):
+            print(_group_usage(command))
+            return 0
         if not rest or rest[0] not in group:
-            print(f"usage: ferret {command} {{{','.join(group)}}} [ARGS]", file=sys.stderr)
+            problem = f"ferret {command}: unknown {command} command {rest[0]!r}\n" if rest else ""
+            print(problem + _group_usage(command), file=sys.stderr)
             return 2
-        return _run(group[rest[0]], rest[1:])
+        return _run(f"ferret {command} {rest[0]}", group[rest[0]], rest[1:])
     print(f"ferret: unknown command {command!r}\nusage: ferret COMMAND [ARGS]\n{_usage()}", file=sys.stderr)
     return 2
 

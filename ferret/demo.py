@@ -1,40 +1,52 @@
 """`make demo`: train a tiny Ferret on the toy shapes world on a CPU, evaluate it, and draw what it learned.
 
-The demo runs the framework's real entry points, in order:
+The demo runs the framework's real entry points, in stages, each announced with its expected duration and an ETA:
 
 1. ``ferret.data.toy``: the world (GRIT-format train/test JSON + PNGs) and a 512-piece tokenizer trained on it;
-   both are reused when ``world/world.json`` already records the same settings;
-   stage 0, `pretrain_vision_tower`: the small CLIP-shaped tower learns to see the world (the stand-in for CLIP
-   pretraining; frozen afterwards, as in Ferret);
-2. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configs.small`
-   fields written by the demo), on CPU, seeded, with a tqdm bar and tensorboard logs;
-3. ``ferret.eval.toy`` ``infer`` + ``score``: greedy answers to every test question, then the toy metrics.
+   reused when ``world/demo_world.json`` records the same settings;
+2. stage 0, `pretrain_vision_tower`: the small CLIP-shaped tower learns to see the world (the stand-in for CLIP
+   pretraining; frozen afterwards, as in Ferret). Cached under ``vision_tower/<key>/``, the key a hash of the tower's
+   settings and of the world's training split, so a second run skips it;
+3. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configs.small`
+   fields written by the demo), on CPU, seeded and deterministic, with tensorboard logs and a checkpoint every
+   ``save_steps``: an interrupted demo resumes from the last one when run again with the same settings;
+4. ``ferret.eval.toy`` ``infer`` + ``score``: greedy answers to every test question, then the toy metrics;
+5. the figures.
 
-Files written (``out_dir`` defaults to ``runs/demo``, ``figs_dir`` to ``figs``)::
+Threads: torch runs ``--threads`` threads, 1 unless asked otherwise. On this project's 2-core machines, shared with
+other jobs, a second thread made training 6-15x SLOWER whenever another process was busy (the threads wait for
+each other), and saved little when the machine was idle; one thread gives run times that do not collapse under load
+and the same numbers run after run.
+
+Files written (``out_dir`` defaults to ``runs/demo``, ``runs/demo-quick`` with ``--quick``)::
 
     out_dir/world/                      the toy world and world/tokenizer/
     out_dir/model_config.json           the --init_config given to the trainer
-    out_dir/vision_tower/               the CLIP tower pretrained on the world, given as --vision_tower (stage 0,
-                                        see pretrain_vision_tower)
-    out_dir/train/                      trainer output: trainer_state.json, runs/ (tensorboard)
+    out_dir/vision_tower/<key>/         the stage-0 tower (a CLIPVisionModel) + stage0.json (what it measured)
+    out_dir/train/                      trainer output: checkpoint-N/ (resumable), trainer_state.json, runs/ (tensorboard)
     out_dir/checkpoint/                 the final model (load_pretrained_model, the serving CLI)
     out_dir/test_answers.jsonl          one answer per test record (+ .metrics.json, the full scorer output)
-    out_dir/metrics.json                headline metrics (fractions in [0, 1]) + training time and settings
+    out_dir/metrics.json                headline metrics (fractions in [0, 1]) + times, threads, settings
     out_dir/ablation.json               with ``--ablation``: the same run with region features off vs on
-    figs_dir/toy_training_curve.png     training loss vs step (from trainer_state.json)
-    figs_dir/toy_grounding_examples.png test images, predicted (red) vs true (green) boxes
+    out_dir/figs/toy_training_curve.png     training loss vs step (from trainer_state.json)
+    out_dir/figs/toy_grounding_examples.png test images, predicted (red) vs true (green) boxes
 
 Command line::
 
-    python -m ferret.demo                      # (= ferret demo, make demo) about 15 minutes on 2 CPU cores
-    python -m ferret.demo --ablation           # + the run without region features (twice the training time)
-    python -m ferret.demo --max-steps 50 --num-train 500 --num-test 50   # a quick look
+    .venv/bin/ferret demo                 # (= make demo) about 12 minutes of one core
+    .venv/bin/ferret demo --quick         # about 2 minutes: smaller world, 150 tower and 150 training steps
+    .venv/bin/ferret demo --ablation      # + the run without region features (twice the training time)
+    .venv/bin/ferret demo --figs figs     # also refresh the README's figures (figs/ of the repository)
+    .venv/bin/ferret demo --tiny          # a smoke test of every stage in seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import hashlib
+import io
 import json
 import logging
 import os
@@ -68,6 +80,9 @@ HEADLINE = (
 CHECKPOINT_DIR = "checkpoint"
 VISION_TOWER_DIR = "vision_tower"
 ANSWERS_FILE = "test_answers.jsonl"
+FIGURES = ("toy_training_curve.png", "toy_grounding_examples.png")
+RUN_STAMP = "demo_run.json"  # in the trainer's output_dir: the settings its checkpoints belong to
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -75,7 +90,7 @@ class DemoConfig:
     """Everything the demo's result depends on; the defaults are the `make demo` run.
 
     Sizes were chosen by measurement (see the report in the README): a ~1.4M-parameter model on 56 px images
-    (7 px patches, 64 image tokens), about 14 minutes on 2 CPU cores.
+    (7 px patches, 64 image tokens).
     """
 
     # The world.
@@ -99,34 +114,179 @@ class DemoConfig:
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
-    # Stage 0: the vision tower (see pretrain_vision_tower).
-    tower_steps: int = 1500
+    # Stage 0: the vision tower (see pretrain_vision_tower). 1,000 steps (was 1,500) and 1,000 training steps (was
+    # 1,500) with bf16 autocast keep `make demo` within 12 minutes on one core.
+    tower_steps: int = 1000
     tower_batch_size: int = 64
     tower_learning_rate: float = 5e-3
     tower_box_weight: float = 0.5
     # Training.
-    max_steps: int = 1500
+    max_steps: int = 1000
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
     logging_steps: int = 10
+    # A resumable checkpoint every this many steps (0: a sixth of max_steps, at least 25).
+    save_steps: int = 0
     # Evaluation.
     eval_batch_size: int = 32
     max_new_tokens: int = 64
-    # Threads for torch (None: torch's default, one per core).
-    threads: int | None = None
+    # Threads for torch (see the module docstring for why 1).
+    threads: int = DEFAULT_THREADS
+    # "bf16": stage 0 and training under bf16 autocast (weights stay fp32); "fp32"; "auto": bf16 where the CPU
+    # has native bf16 matrix instructions (AVX512-BF16/AMX: ~1.6x faster steps), else fp32.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.num_sub_point = tuple(int(v) for v in self.num_sub_point)
         self.num_neighbor = tuple(int(v) for v in self.num_neighbor)
         for name in ("num_train", "num_test", "max_steps", "batch_size", "eval_batch_size", "max_new_tokens",
-                     "tower_steps", "tower_batch_size"):
+                     "tower_steps", "tower_batch_size", "threads", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps < 0:
+            raise ValueError(f"DemoConfig.save_steps must be >= 0, got {self.save_steps}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"DemoConfig.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+
+    @property
+    def bf16(self) -> bool:
+        if self.precision == "auto":
+            return native_bf16()
+        return self.precision == "bf16"
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.save_steps or max(25, self.max_steps // 6)
+
+
+# `--quick`: the same model and recipe, on a smaller world with shorter stages; a look at every stage and output
+# in about 2 minutes of one core (its numbers are far below the full run's).
+QUICK = {"num_train": 1000, "num_test": 100, "tower_steps": 150, "max_steps": 150, "logging_steps": 5}
+# `--tiny`: a smoke test of every stage in seconds (what the tests of the README's commands use); its numbers mean
+# nothing.
+TINY = {"num_train": 40, "num_test": 20, "vocab_size": 360, "tower_steps": 3, "tower_batch_size": 8, "max_steps": 4,
+        "batch_size": 4, "eval_batch_size": 20, "max_new_tokens": 12, "logging_steps": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Threads, quiet libraries, stage banners
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's check); elsewhere bf16 is emulated and slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_threads(threads: int) -> None:
+    """Fix torch's thread count (intra-op, and inter-op when still possible) and make its algorithms deterministic."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # inter-op threads can be set once, before any parallel work
+        pass
+    torch.use_deterministic_algorithms(True)
+
+
+def quiet_libraries() -> None:
+    """No weight-loading bars, no advisory warnings repeated per step; the demo's own progress stays."""
+    import warnings
+
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed otherwise warns that it fell back to the CPU
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("matplotlib", "PIL", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("once", category=FutureWarning)
+    warnings.filterwarnings("once", category=UserWarning)
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+# CPU seconds per unit of work with 1 thread, measured on the 2-core AMD EPYC machine (AVX512-BF16), 2026-11-30:
+# the process's own CPU time, i.e. what a run takes when it has one core to itself. The banners' expectations are
+# these times the amount of work; under heavier load the ETA is rescaled by what the finished stages took.
+SECONDS_PER = {
+    "world_record": 0.0014,  # one generated record (image + masks + text)
+    "tower_image": 0.0021,  # one image through stage 0, forward + backward (bf16 autocast; fp32 ~1.2x)
+    "tower_load_record": 0.0012,  # one image's patch targets
+    "train_sample": 0.034,  # one training sample, forward + backward, batch 16 (bf16 autocast; fp32 ~1.15x)
+    "train_start": 8.0,  # building the model and the dataset
+    "eval_record": 0.03,  # one test answer (greedy, batched)
+    "figures": 3.0,
+}
+FP32_SLOWDOWN = {"tower_image": 1.2, "train_sample": 1.15}
+
+
+class Stages:
+    """Prints a banner per stage (what, expected duration, ETA of the stage and of the whole demo) and keeps time.
+
+    ``plan`` maps a stage key to (title, expected seconds). A stage reused from a cache is expected to take ~1 s.
+    """
+
+    def __init__(self, plan: dict[str, tuple[str, float]], out=None):
+        self.plan = dict(plan)
+        self._out = out
+        self.done: dict[str, float] = {}
+        self.start_time = time.time()
+        self._stage: str | None = None
+        self._stage_start = 0.0
+
+    @property
+    def out(self):
+        return self._out if self._out is not None else sys.stdout
+
+    def expect(self, key: str, seconds: float) -> None:
+        title, _ = self.plan[key]
+        self.plan[key] = (title, seconds)
+
+    def slowdown(self) -> float:
+        """How much slower than expected the finished stages ran (1 when none finished or they were faster)."""
+        expected = sum(self.plan[k][1] for k in self.done)
+        actual = sum(self.done.values())
+        if expected < 5 or actual < 5:
+            return 1.0
+        return max(1.0, min(50.0, actual / expected))
+
+    def begin(self, key: str, detail: str = "") -> None:
+        keys = list(self.plan)
+        title, expected = self.plan[key]
+        factor = self.slowdown()
+        remaining = sum(self.plan[k][1] for k in keys[keys.index(key):] if k not in self.done) * factor
+        now = time.time()
+        finish = datetime.datetime.fromtimestamp(now + expected * factor).strftime("%H:%M:%S")
+        demo_end = datetime.datetime.fromtimestamp(now + remaining).strftime("%H:%M:%S")
+        slower = f"; running {factor:.1f}x slower than on an idle core" if factor > 1.2 else ""
+        print(f"\n=== [{keys.index(key) + 1}/{len(keys)}] {title}{': ' + detail if detail else ''}\n"
+              f"    expected ~{_minutes(expected * factor)} (ETA {finish}); the demo ends ~{demo_end}{slower}",
+              file=self.out, flush=True)
+        self._stage, self._stage_start = key, time.perf_counter()
+
+    def end(self, note: str = "") -> float:
+        key = self._stage
+        seconds = time.perf_counter() - self._stage_start
+        self.done[key] = seconds
+        print(f"    done in {_minutes(seconds)}{' (' + note + ')' if note else ''}", file=self.out, flush=True)
+        return seconds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,36 +300,45 @@ def world_config(config: DemoConfig) -> "WorldConfig":
                        max_size_fraction=config.max_size_fraction)
 
 
-def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path]:
+def _world_stamp(config: DemoConfig) -> dict[str, Any]:
+    return {
+        "seed": config.world_seed,
+        "image_size": config.image_size,
+        "sizes": {"train": config.num_train, "val": 0, "test": config.num_test},
+        "config": json.loads(json.dumps(dataclasses.asdict(world_config(config)))),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def world_is_ready(world_dir: Path, config: DemoConfig) -> bool:
+    """Whether ``world_dir`` holds the world and tokenizer of these settings."""
+    stamp = world_dir / "demo_world.json"
+    return (stamp.is_file() and json.loads(stamp.read_text()) == _world_stamp(config)
+            and (world_dir / "tokenizer" / "tokenizer.json").is_file())
+
+
+def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path, bool]:
     """Generates the world and its tokenizer under ``world_dir`` unless they are there with the same settings.
 
-    Returns (world folder, tokenizer folder).
+    Returns (world folder, tokenizer folder, whether they were reused).
     """
     from ferret.data.toy import make_world, train_toy_tokenizer, world_corpus
 
     world = world_config(config)
-    wanted = {
-        "seed": config.world_seed,
-        "image_size": config.image_size,
-        "sizes": {"train": config.num_train, "val": 0, "test": config.num_test},
-        "config": json.loads(json.dumps(dataclasses.asdict(world))),
-        "vocab_size": config.vocab_size,
-    }
-    stamp = world_dir / "demo_world.json"
     tokenizer_dir = world_dir / "tokenizer"
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (tokenizer_dir / "tokenizer.json").is_file():
+    if world_is_ready(world_dir, config):
         logger.info("reusing the toy world in %s", world_dir)
-        return world_dir, tokenizer_dir
+        return world_dir, tokenizer_dir, True
     if world_dir.exists():
         shutil.rmtree(world_dir)
     start = time.perf_counter()
     splits = make_world(world_dir, num_train=config.num_train, num_val=0, num_test=config.num_test,
                         image_size=config.image_size, seed=config.world_seed, config=world)
     train_toy_tokenizer(tokenizer_dir, world_corpus(splits["train"]), vocab_size=config.vocab_size)
-    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    (world_dir / "demo_world.json").write_text(json.dumps(_world_stamp(config), indent=2) + "\n")
     logger.info("generated the toy world (%d train, %d test) and its tokenizer in %.0f s", config.num_train,
                 config.num_test, time.perf_counter() - start)
-    return world_dir, tokenizer_dir
+    return world_dir, tokenizer_dir, False
 
 
 def sincos_position_table(side: int, dim: int) -> "torch.Tensor":
@@ -268,7 +437,8 @@ def pretrain_vision_tower(path: Path, vision_config: dict, world_dir: Path, toke
     generator = torch.Generator().manual_seed(config.seed)
 
     def loss_of(pixels, shares, boxes):
-        out = head(tower.features(pixels))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            out = head(tower.features(pixels)).float()
         foreground = shares.argmax(-1) > 0
         name_loss = -(shares * out[..., :classes].log_softmax(-1)).sum(-1).mean()
         place_loss = (out[..., classes:classes + 2] - centres).abs().mean()
@@ -332,6 +502,54 @@ def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> t
     return path, fields["vision_config"]
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tower_key(vision_config: dict, world_dir: Path, config: DemoConfig) -> str:
+    """The stage-0 cache key: a hash of the tower's settings, the threads (float sums depend on them) and the
+    world's training split (the records, which name every image and its objects)."""
+    settings = {
+        "vision_config": vision_config,
+        "steps": config.tower_steps,
+        "batch_size": config.tower_batch_size,
+        "learning_rate": config.tower_learning_rate,
+        "box_weight": config.tower_box_weight,
+        "seed": config.seed,
+        "threads": config.threads,
+        "bf16": config.bf16,
+        "world_train": _sha256_file(world_dir / "train.json"),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_vision_tower(root: Path, vision_config: dict, world_dir: Path, tokenizer_dir: Path,
+                        config: DemoConfig) -> tuple[Path, dict[str, Any], bool]:
+    """Stage 0 through its cache: ``root/<key>/`` holds the tower and ``stage0.json`` (its facts).
+
+    Returns (tower folder, facts, whether it came from the cache). A new tower is written into a staging folder
+    and renamed when complete, so an interrupted stage 0 never leaves a tower that looks finished.
+    """
+    key = tower_key(vision_config, world_dir, config)
+    path = root / key
+    facts_file = path / "stage0.json"
+    if facts_file.is_file() and (path / "config.json").is_file():
+        return path, json.loads(facts_file.read_text()), True
+    staging = root / f"tmp-{key}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    facts = pretrain_vision_tower(staging, vision_config, world_dir, tokenizer_dir, config)
+    facts["key"] = key
+    (staging / "stage0.json").write_text(json.dumps(facts, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging, path)
+    return path, facts, False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. Training and 3. evaluation, through the real entry points
 
@@ -347,17 +565,31 @@ class Prepared:
     vision_tower_facts: dict[str, Any]
 
 
-def prepare(out_dir: Path, config: DemoConfig) -> Prepared:
-    """World + tokenizer (cached), the --init_config JSON, then the vision tower (stage 0)."""
-    world_dir, tokenizer_dir = prepare_world(out_dir / "world", config)
+def prepare(out_dir: Path, config: DemoConfig, stages: Stages | None = None) -> Prepared:
+    """World + tokenizer (cached), the --init_config JSON, then the vision tower (stage 0, cached)."""
+    stages = stages or Stages(plan_stages(config, out_dir), out=io.StringIO())
+    if world_is_ready(out_dir / "world", config):
+        stages.expect("world", 1.0)
+    stages.begin("world", f"{config.num_train:,} training and {config.num_test:,} test records, "
+                          f"{config.image_size} px images")
+    world_dir, tokenizer_dir, reused = prepare_world(out_dir / "world", config)
+    stages.end("reused" if reused else "")
     model_config, vision_config = write_model_config(out_dir / "model_config.json", tokenizer_dir, config)
-    tower = out_dir / VISION_TOWER_DIR
-    facts = pretrain_vision_tower(tower, vision_config, world_dir, tokenizer_dir, config)
+    if (out_dir / VISION_TOWER_DIR / tower_key(vision_config, world_dir, config) / "stage0.json").is_file():
+        stages.expect("tower", 1.0)
+    stages.begin("tower", f"{config.tower_steps:,} steps of batch {config.tower_batch_size}")
+    tower, facts, cached = cached_vision_tower(out_dir / VISION_TOWER_DIR, vision_config, world_dir, tokenizer_dir,
+                                               config)
+    stages.end(f"reused {_display(tower)}" if cached else f"saved {_display(tower)}")
+    facts = {**facts, "path": str(tower.resolve()), "cached": cached}
     return Prepared(world_dir.resolve(), tokenizer_dir.resolve(), model_config.resolve(), tower.resolve(), facts)
 
 
 def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_feature: bool = True) -> list[str]:
-    """The `python -m ferret.train.train` command line of the demo run."""
+    """The `python -m ferret.train.train` command line of the demo run.
+
+    Checkpoints every `DemoConfig.checkpoint_every` steps (the last one kept) and resumes from the latest one in
+    ``output_dir`` (the trainer's default); deterministic algorithms and a seeded data order."""
     return [
         "--init_config", str(prepared.model_config),
         "--vision_tower", str(prepared.vision_tower),
@@ -375,45 +607,70 @@ def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_
         "--weight_decay", str(config.weight_decay),
         "--max_grad_norm", "1.0",
         "--logging_steps", str(config.logging_steps),
-        "--save_strategy", "no",
+        "--save_strategy", "steps",
+        "--save_steps", str(config.checkpoint_every),
+        "--save_total_limit", "1",
         "--report_to", "tensorboard",
         "--seed", str(config.seed),
+        "--data_seed", str(config.seed),
+        "--full_determinism", "True",
         "--model_max_length", "512",
         "--dataloader_num_workers", "0",
         "--use_cpu", "True",
-        "--resume_from_checkpoint", "no",
+        "--bf16", str(config.bf16),
         "--disable_tqdm", "False",
     ]
 
 
-def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature: bool = True) -> dict[str, Any]:
-    """Trains through `ferret.train.train.main` and moves the final model to ``run_dir/checkpoint``.
+def _run_stamp(argv: list[str], config: DemoConfig) -> dict[str, Any]:
+    """What a resumable training run depends on: its command line (which names the stage-0 tower by its key, a
+    hash that covers the world's training split) and the threads."""
+    return {"argv": argv, "threads": config.threads}
 
-    Returns training facts: steps, seconds, seconds per step, final loss.
+
+def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature: bool = True) -> dict[str, Any]:
+    """Trains through `ferret.train.train.main` and copies the final model to ``run_dir/checkpoint``.
+
+    An earlier run with the same settings is resumed from its latest checkpoint (a finished one only publishes its
+    model again); one with other settings is removed first. Returns training facts: steps, seconds, seconds per
+    step, final loss, the step it resumed from and the command.
     """
+    from ferret.train.trainer import latest_checkpoint
     from ferret.train.train import FINAL_DIR
     from ferret.train.train import main as train_main
 
     output_dir = run_dir / "train"
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
     argv = train_args(prepared, output_dir, config, region_feature)
+    stamp, stamp_file = _run_stamp(argv, config), output_dir / RUN_STAMP
+    if output_dir.exists() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")
+    resumed = latest_checkpoint(str(output_dir))
+    resumed_step = int(Path(resumed).name.rsplit("-", 1)[1]) if resumed else 0
+    if resumed:
+        print(f"    resuming from {_display(Path(resumed))} (step {resumed_step} of {config.max_steps})", flush=True)
     logger.info("training: python -m ferret.train.train %s", " ".join(argv))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     code = train_main(argv)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if code:
         raise RuntimeError(f"ferret.train.train exited with {code}")
     checkpoint = run_dir / CHECKPOINT_DIR
-    if checkpoint.exists():
-        shutil.rmtree(checkpoint)
-    os.replace(output_dir / FINAL_DIR, checkpoint)
+    staging = run_dir / f"tmp-{CHECKPOINT_DIR}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(output_dir / FINAL_DIR, staging)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    os.replace(staging, checkpoint)
     history = training_history(output_dir)
     losses = [loss for _, loss in history]
+    steps_run = max(1, config.max_steps - resumed_step)
     return {
         "steps": config.max_steps,
+        "resumed_from_step": resumed_step,
         "seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / config.max_steps, 4),
+        "seconds_per_step": round(seconds / steps_run, 4),
+        "cpu_seconds": round(cpu_seconds, 1),  # the process's own CPU time: steadier than wall time under load
         "final_loss": losses[-1] if losses else None,
         "command": "python -m ferret.train.train " + " ".join(argv),
     }
@@ -541,13 +798,14 @@ def _display(path: Path) -> str:
 
 
 def _chat_command(checkpoint: Path, world_dir: Path) -> str:
+    """A `ferret serve cli` command (the venv's console script) asking about a box of a test image."""
     from ferret.eval.toy import load_records
 
     records = load_records(world_dir / "test.json")
     pick = next((r for r in records if r["task"] == "refer" and r["region_type"][0] == ["box"]), records[0])
     boxes = pick["box_x1y1x2y2"][0] or [pick["objects"][0]["box"]]
     region = ",".join(str(v) for v in boxes[0])
-    return (f'python -m ferret.serve.cli --model-path {_display(checkpoint)} '
+    return (f'.venv/bin/ferret serve cli --model-path {_display(checkpoint)} '
             f'--image-file {_display(world_dir / pick["image"])} '
             f'--query "What is <region0>?" --region box:{region}')
 
@@ -565,26 +823,90 @@ def summary_table(runs: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def plan_stages(config: DemoConfig, out_dir: Path, ablation: bool = False) -> dict[str, tuple[str, float]]:
+    """Each stage's title and expected seconds on an idle core (`SECONDS_PER`), before looking at any cache."""
+    s = {k: v * (1.0 if config.bf16 else FP32_SLOWDOWN.get(k, 1.0)) for k, v in SECONDS_PER.items()}
+    world = config.num_train * s["world_record"] + config.num_test * s["world_record"]
+    tower = (config.tower_steps * config.tower_batch_size * s["tower_image"]
+             + (config.num_train + config.num_test) * s["tower_load_record"])
+    train = s["train_start"] + config.max_steps * config.batch_size * s["train_sample"]
+    evaluate = config.num_test * s["eval_record"]
+    plan = {
+        "world": ("the toy world and its tokenizer", world),
+        "tower": ("stage 0: pretrain the vision tower", tower),
+        "train": ("train Ferret (ferret.train.train)", train),
+        "eval": ("evaluate on the test split (ferret.eval.toy)", evaluate),
+    }
+    if ablation:
+        plan["train_off"] = ("train again without region features", train)
+        plan["eval_off"] = ("evaluate that run", evaluate)
+    plan["figures"] = ("figures", s["figures"])
+    return plan
+
+
+def normal_modes(folder: Path) -> int:
+    """Gives files that were created private (0600: safetensors and atomic writes go through temporary files)
+    the modes of any other file the umask allows; returns how many were changed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    wanted = 0o666 & ~umask
+    changed = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 and wanted != 0o600:
+            path.chmod(wanted)
+            changed += 1
+    return changed
+
+
 def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None = None, *,
-             figs_dir: str | os.PathLike = "figs", ablation: bool = False, **overrides: Any) -> dict[str, Any]:
+             figs_dir: str | os.PathLike | None = None, ablation: bool = False, out=None,
+             **overrides: Any) -> dict[str, Any]:
     """Builds the world, trains, evaluates, draws; returns what ``metrics.json`` holds (plus ``ablation``).
 
-    ``overrides`` replace fields of ``config`` (e.g. ``max_steps=5``).
+    ``overrides`` replace fields of ``config`` (e.g. ``max_steps=5``); ``figs_dir`` defaults to ``out_dir/figs``.
+    torch's thread count and deterministic mode are restored afterwards (the demo may run inside another program).
     """
-    config = dataclasses.replace(config or DemoConfig(), **overrides)
-    out_dir, figs_dir = Path(out_dir), Path(figs_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(config.threads)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run_demo(out_dir, config, figs_dir=figs_dir, ablation=ablation, out=out, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[str, Any]:
+    config = dataclasses.replace(config or DemoConfig(), **overrides)
+    out = out if out is not None else sys.stdout
+    out_dir = Path(out_dir)
+    figs_dir = Path(figs_dir) if figs_dir is not None else out_dir / "figs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    use_threads(config.threads)
+    import transformers
+
+    transformers.set_seed(config.seed)
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"torch threads: {config.threads} of {cores} cores (--threads to change: on shared cores a second thread "
+          f"slows everything down when another job is busy); load average {load:.1f}"
+          + (" - other jobs are running, expect longer times" if load > 0.5 else ""), file=out, flush=True)
+    print(f"precision: {'bf16 autocast (the CPU has native bf16)' if config.bf16 else 'fp32'} "
+          f"(--precision to change)", file=out, flush=True)
+    stages = Stages(plan_stages(config, out_dir, ablation), out=out)
     total_start = time.perf_counter()
 
-    prepared = prepare(out_dir, config)
+    prepared = prepare(out_dir, config, stages)
     world_dir = prepared.world_dir
+    stages.begin("train", f"{config.max_steps:,} steps of batch {config.batch_size}, a checkpoint every "
+                          f"{config.checkpoint_every}; tensorboard --logdir {_display(out_dir / 'train' / 'runs')}")
     training = train(prepared, out_dir, config, region_feature=True)
+    stages.end(f"{training['seconds_per_step']:.3f} s/step")
     checkpoint = out_dir / CHECKPOINT_DIR
+    stages.begin("eval", f"{config.num_test:,} test questions, greedy")
     scores = evaluate(checkpoint, world_dir, out_dir, config, region_feature=True)
+    stages.end()
     result: dict[str, Any] = {
         **headline(scores),
         "vision_tower": prepared.vision_tower_facts,
@@ -592,14 +914,20 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
         "eval_seconds": scores["eval_seconds"],
         "test_records": scores["alignment"]["evaluated"],
         "checkpoint": str(checkpoint),
+        "threads": config.threads,
+        "bf16": config.bf16,
         "config": dataclasses.asdict(config),
     }
     histories = {"region features on": training_history(out_dir / "train")}
 
     if ablation:
         off_dir = out_dir / "ablation_no_region_feature"
+        stages.begin("train_off", "coordinates only (--add_region_feature False)")
         off_training = train(prepared, off_dir, config, region_feature=False)
+        stages.end()
+        stages.begin("eval_off", "--no-region-feature")
         off_scores = evaluate(off_dir / CHECKPOINT_DIR, world_dir, off_dir, config, region_feature=False)
+        stages.end()
         histories["region features off"] = training_history(off_dir / "train")
         comparison = {
             "region_feature_on": headline(scores),
@@ -611,48 +939,82 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
         (out_dir / "ablation.json").write_text(json.dumps(comparison, indent=2) + "\n")
         result["ablation"] = {"on": comparison["region_feature_on"], "off": comparison["region_feature_off"]}
 
-    plot_training_curve(histories, figs_dir / "toy_training_curve.png")
-    plot_grounding_examples(world_dir, out_dir / ANSWERS_FILE, figs_dir / "toy_grounding_examples.png")
+    stages.begin("figures", _display(figs_dir))
+    plot_training_curve(histories, figs_dir / FIGURES[0])
+    plot_grounding_examples(world_dir, out_dir / ANSWERS_FILE, figs_dir / FIGURES[1])
+    stages.end()
     result["total_seconds"] = round(time.perf_counter() - total_start, 1)
+    result["stage_seconds"] = {k: round(v, 1) for k, v in stages.done.items()}
     result["chat_command"] = _chat_command(checkpoint, world_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    normal_modes(out_dir)
+    if figs_dir.exists():
+        normal_modes(figs_dir)
 
     runs = {"demo": headline(scores)}
     if ablation:
         runs = {"region fea ON": result["ablation"]["on"], "region fea OFF": result["ablation"]["off"]}
-    print()
-    print(summary_table(runs))
+    print("\n" + summary_table(runs), file=out)
     tower = prepared.vision_tower_facts
-    print(f"\nvision tower: {tower['steps']} steps in {tower['seconds']:.0f} s, names "
-          f"{100 * tower['test_object_patch_accuracy']:.1f}% of object patches, box corners off by "
-          f"{tower['test_box_error_px']:.1f} px on average")
-    print(f"trained {training['steps']} steps in {training['seconds']:.0f} s "
-          f"({training['seconds_per_step']:.3f} s/step); total {result['total_seconds']:.0f} s")
-    print(f"metrics: {out_dir / 'metrics.json'}   figures: {figs_dir / 'toy_training_curve.png'}, "
-          f"{figs_dir / 'toy_grounding_examples.png'}")
-    print(f"chat with it:\n  {result['chat_command']}")
+    how = "cached" if tower["cached"] else f"{tower['seconds']:.0f} s"
+    print(f"\nvision tower: {tower['steps']} steps ({how}), "
+          f"names {100 * tower['test_object_patch_accuracy']:.1f}% of object patches, box corners off by "
+          f"{tower['test_box_error_px']:.1f} px on average", file=out)
+    resumed = f", resumed at step {training['resumed_from_step']}" if training["resumed_from_step"] else ""
+    print(f"trained {training['steps']} steps in {training['seconds']:.0f} s{resumed}; "
+          f"total {_minutes(result['total_seconds'])} with {config.threads} thread(s)", file=out)
+    print(f"metrics: {_display(out_dir / 'metrics.json')}   figures: "
+          + ", ".join(_display(figs_dir / name) for name in FIGURES), file=out)
+    print(f"training logs: tensorboard --logdir {_display(out_dir / 'train' / 'runs')}", file=out)
+    print(f"chat with it:\n  {result['chat_command']}", file=out, flush=True)
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_arg_parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="python -m ferret.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--figs", default="figs", help="folder of the figures (default figs)")
+    parser = argparse.ArgumentParser(prog="ferret demo", description=__doc__.split("\n\n")[0],
+                                     epilog="Run again with the same settings to resume an interrupted demo; the "
+                                            "world and the stage-0 tower are reused.")
+    parser.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick with --quick)")
+    parser.add_argument("--figs", default=None,
+                        help="folder of the figures (default OUT/figs; `--figs figs` refreshes the README's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="about 2 minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                             + " (options given explicitly win)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke test in seconds (40 records, a few steps; overrides --quick): "
+                             + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--ablation", action="store_true",
                         help="also train without region features (coordinates only) and compare")
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--num-train", type=int, default=defaults.num_train)
-    parser.add_argument("--num-test", type=int, default=defaults.num_test)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_demo(args.out, figs_dir=args.figs, ablation=args.ablation, max_steps=args.max_steps,
-             batch_size=args.batch_size, learning_rate=args.learning_rate, num_train=args.num_train,
-             num_test=args.num_test, seed=args.seed, threads=args.threads)
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}: steady under load, reproducible)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                        help="auto (default): bf16 autocast where the CPU has native bf16, else fp32")
+    parser.add_argument("--seed", type=int, default=None, help=f"default {defaults.seed}")
+    for name in ("max_steps", "batch_size", "num_train", "num_test", "tower_steps", "save_steps"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                            help=f"default {getattr(defaults, name)}")
+    parser.add_argument("--learning-rate", type=float, default=None, help=f"default {defaults.learning_rate}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = dict(QUICK) if args.quick else {}
+    if args.tiny:
+        overrides.update(TINY)
+    for name in ("threads", "precision", "seed", "max_steps", "batch_size", "num_train", "num_test", "tower_steps", "save_steps",
+                 "learning_rate"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    try:
+        config = DemoConfig(**{**dataclasses.asdict(DemoConfig()), **overrides})
+    except ValueError as err:
+        print(f"ferret demo: error: {err}", file=sys.stderr)
+        return 2
+    run_demo(out, config, figs_dir=args.figs, ablation=args.ablation)
     return 0
 
 

@@ -1,9 +1,14 @@
-"""Smoke test of `make demo` (ferret/demo.py) on a tiny world: every output file exists and the metrics are sane."""
+"""`make demo` (ferret/demo.py) on a tiny world: every output file exists, the metrics are sane, a second run reuses
+the world, the stage-0 tower and the finished training, and the same settings give the same numbers."""
 
 import json
+import stat
 
 import pytest
 import torch
+
+
+from ferret.demo import TINY  # noqa: E402 - the `ferret demo --tiny` settings: seconds per run
 
 
 @pytest.mark.slow
@@ -11,12 +16,13 @@ def test_run_demo_writes_every_output(tmp_path):
     from ferret.demo import HEADLINE, random_vision_tower, run_demo, sincos_position_table
     from ferret.model.builder import load_pretrained_model
 
-    out, figs = tmp_path / "demo", tmp_path / "figs"
-    result = run_demo(out, figs_dir=figs, num_train=40, num_test=20, vocab_size=360, max_steps=4, batch_size=4,
-                      eval_batch_size=20, max_new_tokens=12, logging_steps=1, tower_steps=3, tower_batch_size=8)
+    out = tmp_path / "demo"
+    figs = out / "figs"
+    result = run_demo(out, **TINY)
 
+    tower_dir = out / "vision_tower" / result["vision_tower"]["key"]
     for path in ("metrics.json", "test_answers.jsonl", "model_config.json", "train/trainer_state.json",
-                 "vision_tower/config.json", "vision_tower/model.safetensors",
+                 f"{tower_dir.relative_to(out)}/config.json", f"{tower_dir.relative_to(out)}/model.safetensors",
                  "checkpoint/config.json", "checkpoint/model.safetensors", "checkpoint/vision_tower/config.json",
                  "checkpoint/tokenizer.json", "checkpoint/preprocessor_config.json"):
         assert (out / path).is_file(), path
@@ -35,7 +41,10 @@ def test_run_demo_writes_every_output(tmp_path):
     assert metrics["training"]["steps"] == 4 and metrics["training"]["seconds"] > 0
     answers = [json.loads(line) for line in (out / "test_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 20 and all("text" in a for a in answers)
-    assert metrics["chat_command"].startswith("python -m ferret.serve.cli --model-path ")
+    assert metrics["chat_command"].startswith(".venv/bin/ferret serve cli --model-path ")
+    assert metrics["threads"] == 1 and metrics["training"]["cpu_seconds"] > 0
+    private = [p for p in out.rglob("*") if p.is_file() and stat.S_IMODE(p.stat().st_mode) == 0o600]
+    assert not private, private[:3]
 
     model, processor = load_pretrained_model(str(out / "checkpoint"), device="cpu")
     assert model.config.hidden_size == metrics["config"]["hidden"]
@@ -44,7 +53,7 @@ def test_run_demo_writes_every_output(tmp_path):
     from transformers import CLIPVisionModel
 
     clip = model.vision_tower.vision_tower
-    stage0 = CLIPVisionModel.from_pretrained(str(out / "vision_tower"))
+    stage0 = CLIPVisionModel.from_pretrained(str(tower_dir))
     for (name, trained), (_, saved) in zip(clip.state_dict().items(), stage0.state_dict().items()):
         torch.testing.assert_close(trained, saved, msg=name)
     position = getattr(clip, "vision_model", clip).embeddings.position_embedding.weight
@@ -58,6 +67,44 @@ def test_run_demo_writes_every_output(tmp_path):
         return next(v for k, v in module.state_dict().items() if k.endswith("layers.0.mlp.fc1.weight"))
 
     assert not torch.equal(fc1(random), fc1(clip))
+
+
+@pytest.mark.slow
+def test_same_settings_same_numbers_and_a_rerun_reuses_everything(tmp_path):
+    from safetensors.torch import load_file
+
+    from ferret.demo import HEADLINE, run_demo
+
+    first = run_demo(tmp_path / "a", **TINY, save_steps=2)
+    again = run_demo(tmp_path / "a", **TINY, save_steps=2)  # the same folder: world, tower and training reused
+    other = run_demo(tmp_path / "b", **TINY, save_steps=2)  # from scratch elsewhere
+
+    assert not first["vision_tower"]["cached"] and again["vision_tower"]["cached"]
+    assert again["training"]["resumed_from_step"] == 4 and first["training"]["resumed_from_step"] == 0
+    assert (tmp_path / "a" / "train" / "checkpoint-4").is_dir()  # the resumable checkpoint (the last one kept)
+    assert not (tmp_path / "a" / "train" / "checkpoint-2").exists()
+    for run in (again, other):
+        assert {k: run[k] for k in HEADLINE} == {k: first[k] for k in HEADLINE}
+        assert run["vision_tower"]["test_patch_accuracy"] == first["vision_tower"]["test_patch_accuracy"]
+    assert other["training"]["final_loss"] == first["training"]["final_loss"]
+    weights_a = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    weights_b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    answers = [(tmp_path / run / "test_answers.jsonl").read_text() for run in ("a", "b")]
+    assert answers[0] == answers[1]
+
+
+def test_stage_banners_say_what_when_and_how_long(capsys):
+    from ferret.demo import DemoConfig, Stages, plan_stages
+
+    stages = Stages(plan_stages(DemoConfig(), None))
+    stages.begin("world", "detail")
+    stages.end()
+    out = capsys.readouterr().out
+    assert "=== [1/5] the toy world and its tokenizer: detail" in out
+    assert "expected ~" in out and "ETA " in out and "the demo ends ~" in out and "done in" in out
 
 
 def test_sincos_position_table_tells_patches_apart():

@@ -67,14 +67,52 @@ def test_one_shot_prints_answer_and_regions_in_pixels(loaded, image_file, tmp_pa
     assert torch.equal(point, torch.from_numpy(R.region_mask(R.Point(40, 20), 64, 48)))
     assert torch.equal(free, torch.from_numpy(mask > 0))
     with Image.open(saved) as drawn:
-        assert drawn.format == "PNG" and drawn.size == (64, 48)
+        # drawn on a 10x copy (48 px * 10 >= 448) framed by a margin, the 5 labels in a legend under it
+        assert drawn.format == "PNG" and drawn.width > 640 and drawn.height > 480 + 5 * 12
         pixels = np.asarray(drawn.convert("RGB")).astype(int)
-    original = np.asarray(make_image()).astype(int)
-    assert (pixels != original).any(axis=2)[9, 6:33].mean() > 0.9  # the answer's box top edge is drawn
+    margin = (drawn.width - 640) // 2
+    picture = pixels[margin:margin + 480, margin:margin + 640]
+    original = np.kron(np.asarray(make_image()).astype(int), np.ones((10, 10, 1), int))
+    changed = (picture != original).any(axis=2)
+    assert changed[90, 60:330].mean() > 0.9  # the answer's box (6, 9)-(32, 28), top edge at y = 9 * 10
+    assert not changed[200:260, 100:300].any()  # inside that box nothing is drawn: the labels are in the legend
+
+
+def test_polygon_scribble_and_bracket_placeholders(loaded, image_file, monkeypatch):
+    model, processor = loaded
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(processor.tokenizer, "ok", calls))
+    status, _ = run_cli(loaded, [
+        "--image-file", str(image_file), "--query", "Is [region0] next to <region1>?",
+        "--region", "polygon:10,10,30,10,20,30", "--region", "scribble:2,40,20,40"])
+    assert status == 0
+    polygon, scribble = calls[0]["region_masks"][0]
+    assert torch.equal(polygon, torch.from_numpy(R.FreeForm.from_polygon([(10, 10), (30, 10), (20, 30)], 64, 48).mask.copy()))
+    # a 5 px wide stroke from (2, 40) to (20, 40) with round ends: rows 38..42, columns 0..22
+    rows, cols = np.nonzero(scribble.numpy())
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (38, 42, 0, 22)
+    text = processor.tokenizer.decode([t for t in calls[0]["input_ids"][0].tolist() if t >= 0])
+    assert text.count("<region_fea>") == 2 and "[region0]" not in text
+
+
+def test_missing_model_or_file_is_one_line(tmp_path, image_file, monkeypatch):
+    env = python_env()
+    for argv, expected in (
+            (["--model-path", "runs/nothing/checkpoint", "--image-file", str(image_file)], "no such folder"),
+            (["--model-path", str(tmp_path), "--image-file", str(image_file)], "has no config.json"),
+            (["--model-path", str(tmp_path), "--image-file", str(tmp_path / "none.png")], "has no config.json")):
+        done = subprocess.run([sys.executable, "-m", "ferret.serve.cli", *argv, "--query", "q"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli.model_path_problem("org/name") is None  # left to the hub when it is not offline...
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in cli.model_path_problem("org/name")  # ... and named when it is
 
 
 def test_bad_region_arguments_exit_2(loaded, image_file, capsys):
-    for spec in ("box:1,2,3", "circle:1,2", "box:1,2,300,4", "point:a,b"):
+    for spec in ("box:1,2,3", "circle:1,2", "box:1,2,300,4", "point:a,b", "polygon:1,2,3,4", "scribble:1,2,3",
+                 "scribble:1,2,100,2"):
         status, _ = run_cli(loaded, ["--image-file", str(image_file), "--query", "q <region0>", "--region", spec])
         assert status == 2, spec
     assert "box needs 4 numbers" in capsys.readouterr().err
@@ -130,7 +168,7 @@ def test_real_process_chat_on_stdin(checkpoint, image_file, tmp_path):
     assert chat.stdout.count("ASSISTANT: ") == 2 and "added <region0>: box 2,2,20,20" in chat.stdout
     assert chat.stdout.count("USER: ") == 4  # the command, two questions, then end of input
     with Image.open(saved) as drawn:
-        assert drawn.format == "PNG" and drawn.size == (64, 48)
+        assert drawn.format == "PNG" and drawn.width > 640
 
 
 def test_region_features_follow_the_checkpoint_unless_overridden(loaded, image_file, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ferret import regions as R
-from ferret.serve.draw import draw_grounding, draw_regions, load_font, mask_outline
+from ferret.serve.draw import draw_annotated, draw_grounding, draw_regions, load_font, mask_outline
 
 gws = pytest.importorskip("ferret.serve.gradio_web_server")
 
@@ -35,7 +35,9 @@ def test_strokes_become_point_box_and_sketch_regions():
     kind, free = session.regions[2]
     assert kind == "sketch" and isinstance(free, R.FreeForm) and free.mask.sum() == 5 * 2
     assert gws.cache_entries(session) == [("[region0]", "box"), ("[region1]", "point"), ("[region2]", "sketch")]
-    assert gws.referring_preview(session).size == (80, 60)
+    # the 80x60 picture is shown 8x (448 px or more on its short side), with a margin and a 3-line legend
+    preview = gws.referring_preview(session)
+    assert preview.width > 640 and preview.height > 480 + 3 * 12
     with pytest.raises(gws.UserError, match="draw on the image"):
         gws.add_region(session, third, "Box", "")  # nothing new drawn
     with pytest.raises(gws.UserError, match="upload an image"):
@@ -115,12 +117,53 @@ def test_conversation_log(tmp_path):
     assert [line["type"] for line in lines] == ["upvote", "chat"]
 
 
-def test_example_images(tmp_path):
+def test_example_images_show_what_their_questions_ask(tmp_path):
     paths = gws.make_example_images(str(tmp_path))
-    assert len(paths) == 2
-    for path in paths:
-        with Image.open(path) as image:
-            assert image.size == (320, 240)
+    assert len(paths) == 2 and "red circle" in gws.EXAMPLE_QUESTIONS[0]
+    with Image.open(paths[0]) as image:
+        assert image.size == (224, 224)
+        assert image.getpixel((64, 70)) == (220, 40, 40)  # the red circle's centre
+
+
+def test_small_uploads_are_shown_upscaled_and_strokes_map_back():
+    image = Image.new("RGB", (56, 56), (200, 200, 200))
+    session = gws.WebSession()
+    assert session.set_image(image)
+    shown = session.display_image()
+    assert shown.size == (448, 448)  # 8x: 56 * 8 = 448
+    # the editor sends back its (upscaled) background and a 1-px stroke drawn on it, inside original pixel (10, 20)
+    layer = np.zeros((448, 448, 4), np.uint8)
+    layer[20 * 8 + 3, 10 * 8: 10 * 8 + 8] = (255, 0, 0, 255)
+    value = {"background": np.asarray(shown), "layers": [layer], "composite": None}
+    session, text = gws.add_region(session, value, "Point", "")
+    assert session.image.size == (56, 56) and session.regions == [("point", R.Point(10, 20))]
+    assert text == "[region0]"
+    # the display copy is the same picture: the conversation goes on, also after a lossy round trip
+    assert not session.set_image(gws.editor_image(value))
+    noisy = np.clip(np.asarray(shown).astype(int) + np.random.default_rng(0).integers(-3, 4, (448, 448, 3)), 0, 255)
+    assert not session.set_image(Image.fromarray(noisy.astype(np.uint8))) and len(session.regions) == 1
+    assert session.set_image(Image.new("RGB", (448, 448), "white"))  # another picture of that size is new
+
+
+def test_upload_limits():
+    big = {"background": np.zeros((50, 5000, 3), np.uint8), "layers": [], "composite": None}
+    with pytest.raises(gws.UserError, match="5000x50 px; at most 4096"):
+        gws.editor_image(big)
+    with pytest.raises(gws.UserError, match="not an image"):
+        gws.editor_image({"background": "/nonexistent/picture.png", "layers": []})
+    args = gws.build_arg_parser().parse_args([])
+    assert args.max_upload_mb == 10 and args.logdir == "runs/serve_logs"
+
+
+def test_annotated_drawing_keeps_labels_off_the_picture():
+    image = Image.new("RGB", (56, 56), (255, 255, 255))
+    drawn = draw_annotated(image, [("a long label that would not fit", R.Box(0, 0, 55, 55))])
+    assert drawn.width >= 448
+    pixels = np.asarray(drawn)
+    margin = (drawn.width - 448) // 2
+    inside = pixels[margin + 8: margin + 440, margin + 8: margin + 440]
+    assert (inside == 255).all()  # only the outline touches the picture; the label is in the legend below
+    assert not (pixels[margin + 448 + margin:] == 255).all()
 
 
 def test_mask_outline_is_the_boundary():

@@ -315,7 +315,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **({"past_key_values": past_key_values} if past_key_values is not None else {}),  # generate passes `cache`
             use_cache=use_cache,
             **kwargs,
         )

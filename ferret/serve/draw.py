@@ -138,3 +138,90 @@ def draw_grounding(image: Image.Image, grounded: Iterable[R.GroundedRegion]) -> 
 def region_label(index: int) -> str:
     """The name a referring region is shown under: ``[region0]``, ``[region1]``... (the original UI's)."""
     return f"[region{index}]"
+
+
+def upscale_factor(size: tuple[int, int], min_side: int = 448, max_factor: int = 16) -> int:
+    """The integer factor that brings the shorter side of an image of ``size`` (W, H) to at least ``min_side``
+    (1 for images that are large enough)."""
+    side = max(1, min(size))
+    return max(1, min(max_factor, -(-min_side // side)))
+
+
+def scale_region(region: R.Region, factor: int) -> R.Region:
+    """``region`` (pixels of an image) in pixels of the same image upscaled ``factor`` times with NEAREST: a pixel
+    becomes a ``factor`` x ``factor`` block, so a box's last pixel ends at ``(x2 + 1) * factor - 1``."""
+    if factor == 1:
+        return region
+    if isinstance(region, R.Box):
+        return R.Box(region.x1 * factor, region.y1 * factor, (region.x2 + 1) * factor - 1,
+                     (region.y2 + 1) * factor - 1)
+    if isinstance(region, R.Point):
+        return R.Point(region.x * factor + factor // 2, region.y * factor + factor // 2)
+    if isinstance(region, R.FreeForm):
+        return R.FreeForm(np.kron(region.mask, np.ones((factor, factor), dtype=bool)))
+    raise TypeError(f"cannot scale {type(region).__name__}; expected Point, Box or FreeForm")
+
+
+def draw_annotated(image: Image.Image, items: Sequence[tuple[str, R.Region]], min_side: int = 448) -> Image.Image:
+    """A picture for people: ``image`` upscaled (NEAREST, so small images stay sharp) to at least ``min_side`` px,
+    each region outlined in its colour with a small number tag just outside its top-left corner, and the labels
+    written in a legend under the image, so that no label covers the objects.
+
+    Regions are in pixels of ``image``.
+    """
+    factor = upscale_factor(image.size, min_side)
+    big = image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST)
+    side = min(big.size)
+    width = max(2, round(side / 200))
+    tag_font = load_font(max(11, round(side / 32)))
+    legend_font = load_font(max(12, round(side / 28)))
+    probe = ImageDraw.Draw(big)
+    tag_height = probe.textbbox((0, 0), "0", font=tag_font)[3] + 6
+    line_height = probe.textbbox((0, 0), "Ag", font=legend_font)[3] + 8
+    margin = tag_height + width
+    legend_height = line_height * len(items) + (8 if items else 0)
+    canvas = Image.new("RGB", (big.width + 2 * margin, big.height + 2 * margin + legend_height), (255, 255, 255))
+    canvas.paste(big, (margin, margin))
+    scaled = [(label, _shift(scale_region(region, factor), margin, canvas.size)) for label, region in items]
+    colors = [color_for(k) for k in range(len(items))]
+    outlined = draw_regions(canvas, [("", r) for _, r in scaled], width=width, colors=colors or None)
+    draw = ImageDraw.Draw(outlined)
+    for k, (_, region) in enumerate(scaled):
+        x, y = _corner(region)
+        tag = str(k + 1)
+        left, top, right, bottom = draw.textbbox((0, 0), tag, font=tag_font)
+        w, h = right - left + 6, bottom - top + 6
+        if isinstance(region, R.Point):  # a point lies on an object: its tag goes in the top margin, with a leader
+            tx, ty = min(max(0, x - w / 2), outlined.width - w), 0
+            draw.line([(x, h), (x, y)], fill=colors[k], width=1)
+        else:  # left of the corner and above it: outside the region
+            tx, ty = min(max(0, x - w), outlined.width - w), max(0, y - h)
+        draw.rectangle([tx, ty, tx + w, ty + h], fill=colors[k])
+        draw.text((tx + 3 - left, ty + 3 - top), tag, fill=(255, 255, 255), font=tag_font)
+    y = big.height + 2 * margin + 4
+    for k, (label, _) in enumerate(items):
+        swatch = line_height - 10
+        draw.rectangle([margin, y + 2, margin + swatch, y + 2 + swatch], fill=colors[k])
+        draw.text((margin + swatch + 8, y), f"{k + 1}  {label}", fill=(20, 20, 20), font=legend_font)
+        y += line_height
+    return outlined
+
+
+def _shift(region: R.Region, offset: int, canvas_size: tuple[int, int]) -> R.Region:
+    """``region`` moved ``offset`` px right and down, onto a canvas of ``canvas_size`` (W, H)."""
+    if isinstance(region, R.Box):
+        return R.Box(region.x1 + offset, region.y1 + offset, region.x2 + offset, region.y2 + offset)
+    if isinstance(region, R.Point):
+        return R.Point(region.x + offset, region.y + offset)
+    height, width = region.mask.shape
+    pad = ((offset, canvas_size[1] - offset - height), (offset, canvas_size[0] - offset - width))
+    return R.FreeForm(np.pad(region.mask, pad, constant_values=False))
+
+
+def _corner(region: R.Region) -> tuple[float, float]:
+    if isinstance(region, R.Box):
+        return region.x1, region.y1
+    if isinstance(region, R.Point):
+        return region.x, region.y
+    box = region.bbox
+    return box.x1, box.y1

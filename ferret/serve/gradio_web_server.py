@@ -2,7 +2,8 @@
 
 How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")`` no longer exists, §8 item 33):
 
-* Upload an image into the editor and draw on it with the brush; choose the *Referring Input Type* and press
+* Upload an image into the editor (a small one is shown upscaled, so the brush, sized to the picture, can draw
+  precisely; the editor's toolbar has undo and the eraser) and draw on it with the brush; choose the *Referring Input Type* and press
   **Add region**. The strokes drawn since the last region become one region: *Point* = the median of the new
   stroke pixels, *Box* = their bounding box, *Sketch* = the stroke itself (a free-form mask). Each region is listed
   in the *Referring Input Cache* as ``[regionN]``, drawn in the *Parsed Referring Input* preview, and ``[regionN]``
@@ -17,9 +18,12 @@ How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")
 * Conversations and votes are logged as JSON lines to ``LOGDIR/YYYY-MM-DD-conv.json`` with the start *and* the
   real finish time (§8 item 37), images to ``LOGDIR/serve_images/<date>/<md5>.jpg``.
 
+Decoding is greedy by default (temperature 0): a grounding answer's coordinates come out as the model's best
+guess, not a sample. Uploads are limited (``--max-upload-mb``, ``--max-image-side``) and must decode as images.
+
 Run::
 
-    python -m ferret.serve.gradio_web_server --controller-url http://127.0.0.1:21001 --port 7860
+    ferret serve web --controller-url http://127.0.0.1:21001 --port 7860
 """
 
 from __future__ import annotations
@@ -37,18 +41,15 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
 
-import gradio as gr  # noqa: E402 - after the environment default above
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from ferret import regions as R  # noqa: E402
+from ferret import regions as R
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
-from ferret.serve.draw import draw_regions, region_label
+from ferret.serve.draw import draw_annotated, region_label, upscale_factor
 from ferret.serve.protocol import (
     API_KEY_ENV,
     ErrorCode,
@@ -57,6 +58,11 @@ from ferret.serve.protocol import (
     chat_messages,
     region_to_dict,
 )
+
+# gradio and ferret.processing (torch) are imported where they are used, so that --help stays fast.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+if TYPE_CHECKING:
+    from ferret.processing import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,15 @@ MAX_OUTPUT_TOKENS = 1024
 CONNECT_TIMEOUT = 5.0
 STREAM_TIMEOUT = 120.0  # a backstop only: the controller bounds time-to-first-token and silence mid-stream
 CURSOR = "▌"
+DISPLAY_MIN_SIDE = 448  # smaller uploads are shown upscaled (NEAREST) in the editor and the previews
+MAX_IMAGE_SIDE = 4096  # default of --max-image-side
+
+
+def image_frame(aspect_ratio: str, width: int, height: int) -> "Frame":
+    """`ferret.processing.image_frame`, imported on first use."""
+    from ferret.processing import image_frame as frame
+
+    return frame(aspect_ratio, width, height)
 
 
 class UserError(ValueError):
@@ -93,6 +108,7 @@ class WebSession:
     grounded: list[R.GroundedRegion] = field(default_factory=list)
     conv_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     answer_failed: bool = False
+    display_key: str | None = None  # the upscaled copy of ``image`` that the editor shows, if any
 
     def reset_conversation(self) -> None:
         self.regions, self.stroke, self.turns, self.chat, self.grounded = [], None, [], [], []
@@ -100,13 +116,41 @@ class WebSession:
         self.answer_failed = False
 
     def set_image(self, image: Image.Image) -> bool:
-        """Adopt ``image``; a different image than before starts a new conversation. True when it changed."""
-        key = hashlib.md5(image.tobytes() + repr(image.size).encode()).hexdigest()
-        if key == self.image_key:
+        """Adopt ``image``; a different image than before starts a new conversation. True when it changed.
+
+        The editor's upscaled display copy of the current image (see `display_image`) counts as the same image."""
+        key = _image_key(image)
+        if key in (self.image_key, self.display_key) or self._is_display_copy(image):
             return False
-        self.image, self.image_key = image, key
+        self.image, self.image_key, self.display_key = image, key, None
         self.reset_conversation()
         return True
+
+    def _is_display_copy(self, image: Image.Image) -> bool:
+        """Whether ``image`` is the editor's upscaled copy of the current image after an encoding round trip:
+        k times its size, and the same picture when sampled at the centres of the k x k blocks."""
+        if self.image is None or self.display_key is None:
+            return False
+        factor = upscale_factor(self.image.size, DISPLAY_MIN_SIDE)
+        if image.size != (self.image.width * factor, self.image.height * factor):
+            return False
+        centres = np.asarray(image.convert("RGB"), dtype=np.int16)[factor // 2::factor, factor // 2::factor]
+        return float(np.abs(centres - np.asarray(self.image.convert("RGB"), dtype=np.int16)).mean()) < 8.0
+
+    def display_image(self) -> Image.Image | None:
+        """The image as the editor shows it: upscaled (NEAREST) to at least DISPLAY_MIN_SIDE px when smaller."""
+        if self.image is None:
+            return None
+        factor = upscale_factor(self.image.size, DISPLAY_MIN_SIDE)
+        if factor == 1:
+            return self.image
+        shown = self.image.resize((self.image.width * factor, self.image.height * factor), Image.NEAREST)
+        self.display_key = _image_key(shown)
+        return shown
+
+
+def _image_key(image: Image.Image) -> str:
+    return hashlib.md5(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- editor input
@@ -123,13 +167,21 @@ def _to_array(image: Any) -> np.ndarray | None:
     return np.asarray(image)
 
 
-def editor_image(value: Mapping[str, Any] | None) -> Image.Image | None:
-    """The uploaded picture (the editor's background, without strokes) as RGB; transparency becomes white."""
+def editor_image(value: Mapping[str, Any] | None, max_side: int = MAX_IMAGE_SIDE) -> Image.Image | None:
+    """The uploaded picture (the editor's background, without strokes) as RGB; transparency becomes white.
+
+    Raises UserError for a picture that cannot be read or has a side over ``max_side`` px."""
     if not value:
         return None
-    background = _to_array(value.get("background"))
+    try:
+        background = _to_array(value.get("background"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"the upload is not an image that can be read ({err})") from err
     if background is None or background.size == 0:
         return None
+    if max(background.shape[:2]) > max_side:
+        raise UserError(f"the image is {background.shape[1]}x{background.shape[0]} px; at most {max_side} px a side "
+                        "is accepted")
     if background.ndim == 2:
         return Image.fromarray(background.astype(np.uint8)).convert("RGB")
     image = Image.fromarray(background.astype(np.uint8))
@@ -148,11 +200,21 @@ def editor_strokes(value: Mapping[str, Any] | None, size: tuple[int, int]) -> np
         if array is None or array.ndim != 3:
             continue
         drawn = array[..., 3] > 0 if array.shape[2] == 4 else array.max(axis=2) > 0
-        if drawn.shape != (height, width):  # a layer at another resolution: bring it to the image's
-            drawn = np.asarray(Image.fromarray(drawn.astype(np.uint8) * 255).resize((width, height),
-                                                                                   Image.NEAREST)) > 0
-        strokes |= drawn
+        strokes |= _to_size(drawn, width, height)
     return strokes
+
+
+def _to_size(drawn: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Strokes bool [h, w] drawn on the editor's copy of the image, at the image's size [height, width]: a copy
+    upscaled k times maps back block by block (a pixel is drawn when any of its k x k block is), so a thin stroke
+    on the upscaled display survives; other sizes are resized NEAREST."""
+    h, w = drawn.shape
+    if (h, w) == (height, width):
+        return drawn
+    if h % height == 0 and w % width == 0 and h // height == w // width:
+        k = h // height
+        return drawn.reshape(height, k, width, k).any(axis=(1, 3))
+    return np.asarray(Image.fromarray(drawn.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
 
 
 def region_from_stroke(kind: str, new: np.ndarray) -> R.Region:
@@ -175,8 +237,8 @@ def add_region(session: WebSession, editor_value: Mapping[str, Any] | None, kind
     image = editor_image(editor_value)
     if image is None:
         raise UserError("upload an image first")
-    session.set_image(image)
-    strokes = editor_strokes(editor_value, image.size)
+    session.set_image(image)  # the editor may show an upscaled copy: regions are in pixels of the original
+    strokes = editor_strokes(editor_value, session.image.size)
     previous = session.stroke if session.stroke is not None and session.stroke.shape == strokes.shape else None
     new = strokes & ~previous if previous is not None else strokes
     region = region_from_stroke(kind, new)
@@ -193,9 +255,11 @@ def cache_entries(session: WebSession) -> list[tuple[str, str]]:
 
 
 def referring_preview(session: WebSession) -> Image.Image | None:
+    """The image (upscaled when small) with the referring regions outlined, their names in a legend."""
     if session.image is None:
         return None
-    return draw_regions(session.image, [(region_label(k), r) for k, (_, r) in enumerate(session.regions)])
+    return draw_annotated(session.image, [(f"{region_label(k)} {kind}", r)
+                                          for k, (kind, r) in enumerate(session.regions)], DISPLAY_MIN_SIDE)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -457,9 +521,11 @@ def answer(settings: BotSettings, session: WebSession, model: str | None, temper
 
 
 def output_visual(session: WebSession) -> Image.Image | None:
+    """The image (upscaled when small) with the answer's grounded regions, their phrases in a legend."""
     if session.image is None:
         return None
-    return draw_regions(session.image, [(g.phrase or f"obj{k}", g.region) for k, g in enumerate(session.grounded)])
+    return draw_annotated(session.image, [(g.phrase or f"obj{k}", g.region) for k, g in enumerate(session.grounded)],
+                          DISPLAY_MIN_SIDE)
 
 
 def vote(settings: BotSettings, session: WebSession, model: str | None, kind: str, ip: str | None = None) -> None:
@@ -470,25 +536,29 @@ def vote(settings: BotSettings, session: WebSession, model: str | None, kind: st
 # ---------------------------------------------------------------------------------------------- examples
 
 
+EXAMPLE_QUESTIONS = ("What is the location of the red circle in the image?", "Describe the image.")
+
+
 def make_example_images(folder: str) -> list[str]:
-    """Writes two small example pictures (drawn here, nothing downloaded) and returns their paths."""
+    """Writes two small example pictures of coloured shapes (drawn here, nothing downloaded) and returns their
+    paths. Their questions (`EXAMPLE_QUESTIONS`) fit any Ferret: the toy world's models know these shapes and
+    wordings, and a released model can answer them about any picture."""
     os.makedirs(folder, exist_ok=True)
     paths = []
-    shapes = Image.new("RGB", (320, 240), (245, 245, 240))
+    shapes = Image.new("RGB", (224, 224), (245, 245, 240))
     draw = ImageDraw.Draw(shapes)
-    draw.ellipse([30, 40, 130, 140], fill=(220, 40, 40))
-    draw.rectangle([180, 90, 290, 200], fill=(40, 90, 220))
-    draw.polygon([(160, 20), (200, 80), (120, 80)], fill=(240, 200, 30))
-    paths.append(os.path.join(folder, "shapes.png"))
+    draw.ellipse([24, 30, 104, 110], fill=(220, 40, 40))
+    draw.rectangle([128, 120, 200, 192], fill=(40, 90, 220))
+    paths.append(os.path.join(folder, "red_circle_blue_square.png"))
     shapes.save(paths[-1])
-    scene = Image.new("RGB", (320, 240), (135, 200, 235))
-    draw = ImageDraw.Draw(scene)
-    draw.rectangle([0, 170, 320, 240], fill=(70, 160, 70))
-    draw.rectangle([40, 110, 120, 175], fill=(180, 80, 60))
-    draw.polygon([(30, 110), (80, 70), (130, 110)], fill=(120, 40, 30))
-    draw.ellipse([240, 20, 290, 70], fill=(255, 220, 60))
-    paths.append(os.path.join(folder, "house.png"))
-    scene.save(paths[-1])
+    more = Image.new("RGB", (224, 224), (245, 245, 240))
+    draw = ImageDraw.Draw(more)
+    draw.polygon([(60, 20), (110, 100), (10, 100)], fill=(240, 200, 30))
+    star = [(160 + (36 if k % 2 == 0 else 15) * np.sin(k * np.pi / 5), 160 - (36 if k % 2 == 0 else 15)
+             * np.cos(k * np.pi / 5)) for k in range(10)]
+    draw.polygon(star, fill=(40, 170, 60))
+    paths.append(os.path.join(folder, "yellow_triangle_green_star.png"))
+    more.save(paths[-1])
     return paths
 
 
@@ -497,19 +567,37 @@ def make_example_images(folder: str) -> list[str]:
 
 TITLE = """# Ferret: refer and ground anything anywhere at any granularity
 Upload an image, draw on it with the brush, pick the **Referring Input Type** and press **Add region**; the region
-is added to your question as `[region0]`, `[region1]`, ... Then ask. Grounded answers are drawn in *Output Vis*."""
+is added to your question as `[region0]`, `[region1]`, ... Then ask. Grounded answers are drawn in *Output Vis*.
+Small images are shown enlarged; the editor's toolbar has the brush size, undo and the eraser."""
 
 
 def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str]):
     """The Gradio Blocks app. Element ids (for tests and custom CSS): ferret_image, refer_type, add_region,
     region_cache, region_preview, chatbot, input_text, send, regenerate, clear, upvote, downvote, output_vis."""
 
+    import gradio as gr
+
     def warn(err: Exception) -> None:
         gr.Warning(str(err))
 
-    def ip_of(request: gr.Request | None) -> str | None:
+    def ip_of(request) -> str | None:
         client = getattr(request, "client", None)
         return getattr(client, "host", None)
+
+    def on_upload(session, editor_value):
+        """A new picture: remember it and show it upscaled when small (the brush is then sized to the display)."""
+        session = WebSession()
+        try:
+            image = editor_image(editor_value, args.max_image_side)
+        except UserError as err:
+            warn(err)
+            return session, None, [], None, None
+        if image is None:
+            return session, gr.skip(), [], None, None
+        session.set_image(image)
+        shown = session.display_image()
+        editor_update = gr.skip() if shown is image else {"background": shown, "layers": [], "composite": shown}
+        return session, editor_update, [], referring_preview(session), None
 
     def on_add_region(session, editor_value, kind, text):
         session = session or WebSession()
@@ -528,11 +616,15 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
             warn(err)
         return session, list(session.chat), text, cache_entries(session), referring_preview(session)
 
-    def on_answer(session, model, temperature, top_p, max_new_tokens, request: gr.Request):
+    def on_answer(session, model, temperature, top_p, max_new_tokens, request):
         session = session or WebSession()
         for current in answer(settings, session, model, temperature, top_p, max_new_tokens, ip_of(request)):
             yield current, list(current.chat), gr.skip()
         yield session, list(session.chat), output_visual(session)
+
+    # gradio hands the request to a parameter annotated gr.Request; annotations are strings in this module and
+    # gradio is imported here, not at module level, so the annotation is given as the class itself.
+    on_answer.__annotations__ = {"request": gr.Request}
 
     def on_regenerate(session):
         session = session or WebSession()
@@ -546,15 +638,20 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
         session.grounded = []
         return session, list(session.chat)
 
-    def on_clear(session):
-        session = WebSession()
-        return session, [], "", [], None, None, None
+    def on_clear(session, editor_value):
+        # Everything back to the start. An editor holding a picture gets the value None: gradio 6 then clears its
+        # canvas and is ready for the next upload. An empty editor is left alone: resetting it again (None, an
+        # empty EditorValue or gr.ImageEditor(value=None)) could leave it stuck at "processing".
+        # tests/test_serve_browser.py clears both and uploads and draws again.
+        has_picture = bool(editor_value) and editor_value.get("background") is not None
+        return WebSession(), [], "", [], None, None, None if has_picture else gr.skip()
 
     def on_vote(kind):
-        def handler(session, model, request: gr.Request):
+        def handler(session, model, request):
             if session is not None and session.turns:
                 vote(settings, session, model, kind, ip_of(request))
                 gr.Info(f"Thanks for the {kind}!")
+        handler.__annotations__ = {"request": gr.Request}
         return handler
 
     def refresh_models():
@@ -568,11 +665,14 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
             with gr.Column(scale=4):
                 model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model",
                                              interactive=True, elem_id="model_selector")
+                # No crop/resize tools (they would move the picture under the regions); brush and eraser sizes
+                # follow the picture ("auto": 1/50 of its shorter side), and small pictures arrive upscaled.
                 editor = gr.ImageEditor(
-                    type="numpy", sources=["upload", "clipboard"], layers=False, transforms=(), eraser=False,
+                    type="numpy", sources=["upload", "clipboard"], layers=False, transforms=(),
+                    eraser=gr.Eraser(default_size="auto"),
                     brush=gr.Brush(default_size="auto", colors=["#ff3030"], color_mode="fixed"),
                     label="Image: draw a referring region with the brush", elem_id="ferret_image",
-                    canvas_size=(640, 480),
+                    canvas_size=(640, 480), image_mode="RGB", format="png",
                 )
                 with gr.Row():
                     refer_type = gr.Radio(list(REFER_TYPES), value="Box", label="Referring Input Type",
@@ -583,7 +683,7 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
                 preview = gr.Image(label="Parsed Referring Input", type="pil", interactive=False,
                                    elem_id="region_preview")
                 with gr.Accordion("Parameters", open=False):
-                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
+                    temperature = gr.Slider(0.0, 1.0, value=0.0, step=0.1, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
                     max_tokens = gr.Slider(1, MAX_OUTPUT_TOKENS, value=args.max_output_tokens, step=1,
                                            label="Max output tokens")
@@ -600,17 +700,18 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
                     clear_btn = gr.Button("🗑️ Clear", elem_id="clear")
                 output_vis = gr.Image(label="Output Vis", type="pil", interactive=False, elem_id="output_vis")
         examples = make_example_images(args.examples_dir)
-        gr.Examples(examples=[[examples[0], "Describe the image."], [examples[1], "Where is the house?"]],
+        gr.Examples(examples=[[examples[0], EXAMPLE_QUESTIONS[0]], [examples[1], EXAMPLE_QUESTIONS[1]]],
                     inputs=[editor, textbox])
 
         gen_inputs = [state, model_selector, temperature, top_p, max_tokens]
         gen_outputs = [state, chatbot, output_vis]
+        editor.upload(on_upload, [state, editor], [state, editor, cache, preview, output_vis])
         add_region_btn.click(on_add_region, [state, editor, refer_type, textbox], [state, cache, preview, textbox])
         for trigger in (textbox.submit, send_btn.click):
             trigger(on_add_text, [state, textbox, editor], [state, chatbot, textbox, cache, preview]).then(
                 on_answer, gen_inputs, gen_outputs)
         regenerate_btn.click(on_regenerate, [state], [state, chatbot]).then(on_answer, gen_inputs, gen_outputs)
-        clear_btn.click(on_clear, [state], [state, chatbot, textbox, cache, preview, output_vis, editor])
+        clear_btn.click(on_clear, [state, editor], [state, chatbot, textbox, cache, preview, output_vis, editor])
         upvote_btn.click(on_vote("upvote"), [state, model_selector], None)
         downvote_btn.click(on_vote("downvote"), [state, model_selector], None)
         if args.model_list_mode == "reload":
@@ -633,7 +734,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "Ferret checkpoints expect this)")
     parser.add_argument("--max-output-tokens", type=int, default=512,
                         help="the initial value of the 'Max output tokens' slider")
-    parser.add_argument("--logdir", default=os.environ.get("FERRET_LOGDIR", "serve_logs"),
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (MB)")
+    parser.add_argument("--max-image-side", type=int, default=MAX_IMAGE_SIDE,
+                        help="largest image side accepted (pixels)")
+    parser.add_argument("--logdir", default=os.environ.get("FERRET_LOGDIR", os.path.join("runs", "serve_logs")),
                         help="where conversations and images are logged (env FERRET_LOGDIR)")
     parser.add_argument("--examples-dir", default=os.path.join(tempfile.gettempdir(), "ferret_serve_examples"),
                         help="where the example images are written")
@@ -656,7 +760,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=args.concurrency_count)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                    allowed_paths=[args.examples_dir], footer_links=[])
+                    allowed_paths=[args.examples_dir], footer_links=[],
+                    max_file_size=f"{max(1, int(args.max_upload_mb * 1024))}kb")
     finally:
         controller.close()
 
