@@ -409,7 +409,8 @@ def test_end_to_end_controller_worker_web(loaded, tmp_path):
                 updates = list(gws.answer(settings, session, "tiny-ferret", 0.0, 0.7, 5, ip="127.0.0.1"))
                 assert updates and session.turns[-1]["from"] == "gpt"
                 assert session.chat[-1]["role"] == "assistant" and not session.answer_failed
-                assert gws.output_visual(session).size == (96, 64)
+                shown = gws.output_visual(session)  # upscaled 7x (64 px -> 448), framed, legend below
+                assert shown.width > 96 * 7 and shown.height > 64 * 7
                 (log_file,) = (tmp_path / "logs").glob("*-conv.json")
                 record = json.loads(log_file.read_text().splitlines()[-1])
                 assert record["finish"] >= record["start"] and record["model"] == "tiny-ferret"
