@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferret.model.kernels.pair_pool import pair_pool
+from ferret.model.kernels.pair_pool import Bag, pair_pool
 
 logger = logging.getLogger(__name__)
 
@@ -441,21 +441,23 @@ class ConvReLULayerNorm1d(nn.Module):
 
 
 class _StageWeights(NamedTuple):
-    """One stage's affine maps in fp32, [C, C+2] acting on p = [f; x, y] (see the module docstring).
+    """One stage's affine maps in fp32, split into the feature columns (acting on f) and the coordinate columns
+    (acting on x, y) of p = [f; x, y] (see the module docstring).
 
     u_pos / v_pos: the coordinate columns of Wd WD and of Wa - Wd WD, [C, 2]; bias: Wd bD + b, [C].
-    Folded (u, v not None): u = Wd WD and v = Wa - Wd WD. Unfolded: ``diff`` = WD, ``w_diff`` = Wd and
-    ``w_anchor`` = Wa are applied one after the other.
+    Folded (u_feat, v_feat not None): the feature columns of Wd WD and Wa - Wd WD, [C, C]. Unfolded: ``diff_feat``
+    (WD's feature columns, [C+2, C]) and ``w_diff`` (Wd, [C, C+2]) are applied one after the other, and
+    ``anchor_feat`` (Wa's feature columns, [C, C]) separately.
     """
 
     u_pos: torch.Tensor
     v_pos: torch.Tensor
     bias: torch.Tensor
-    u: torch.Tensor | None
-    v: torch.Tensor | None
-    diff: torch.Tensor
+    u_feat: torch.Tensor | None
+    v_feat: torch.Tensor | None
+    diff_feat: torch.Tensor
     w_diff: torch.Tensor
-    w_anchor: torch.Tensor
+    anchor_feat: torch.Tensor
 
 
 class SpatialAwareVisualSampler(nn.Module):
@@ -586,22 +588,28 @@ class SpatialAwareVisualSampler(nn.Module):
             fold = True
         channels = self.input_dim
         point_dim = channels + 2
+        # Views and splits rather than slices: their backward writes each weight's gradient once, instead of
+        # zero-filling a full-size buffer per slice.
         diff = diff_proj.weight.float()  # WD [C+2, C+2]
-        conv_weight = conv.weight[..., 0].float()  # [C, 2(C+2)]
-        w_diff, w_anchor = conv_weight[:, :point_dim], conv_weight[:, point_dim:]
-        u_pos = w_diff @ diff[:, channels:]  # [C, 2]
-        v_pos = w_anchor[:, channels:] - u_pos
+        conv_weight = conv.weight.float().view(channels, 2 * point_dim)
+        w_diff, w_anchor = conv_weight.split(point_dim, dim=1)  # [C, C+2] each
+        diff_feat, diff_pos = diff.split(channels, dim=1)  # [C+2, C], [C+2, 2]
+        anchor_feat, anchor_pos = w_anchor.split(channels, dim=1)
+        u_pos = w_diff @ diff_pos  # [C, 2]
+        v_pos = anchor_pos - u_pos
         bias = torch.addmv(conv.bias.float(), w_diff, diff_proj.bias.float())
-        u = v = None
+        u_feat = v_feat = None
         if fold:
-            u = w_diff @ diff  # [C, C+2]
-            v = w_anchor - u
-        weights = _StageWeights(u_pos, v_pos, bias, u, v, diff, w_diff, w_anchor)
+            u_feat = w_diff @ diff_feat  # [C, C]
+            v_feat = anchor_feat - u_feat
+        weights = _StageWeights(u_pos, v_pos, bias, u_feat, v_feat, diff_feat, w_diff, anchor_feat)
         if inference:
             self._folded_cache[stage] = (key, weights)
         return weights
 
-    def _pool(self, stage: int, u: torch.Tensor, v: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
+    def _pool(
+        self, stage: int, u: torch.Tensor | Bag, v: torch.Tensor | Bag, neighbor_index: torch.Tensor
+    ) -> torch.Tensor:
         norm = self.agg_projector_list[stage].norm
         return pair_pool(u, v, neighbor_index, norm.weight, norm.bias, norm.eps, self.pooler_mode, self.use_kernel)
 
@@ -620,44 +628,47 @@ class SpatialAwareVisualSampler(nn.Module):
         touched, corner = torch.unique(corner, return_inverse=True)  # one host sync per call
         patches = feature_map.reshape(num_images * num_patches, channels).index_select(0, touched).float()
         w = self._stage_weights(0, fold=patches.shape[0] > channels + 2)
-        if w.u is not None:
-            u_table = patches @ w.u[:, :channels].T
-            v_table = patches @ w.v[:, :channels].T
+        if w.u_feat is not None:
+            u_table = patches @ w.u_feat.T
+            v_table = patches @ w.v_feat.T
         else:
-            u_table = (patches @ w.diff[:, :channels].T) @ w.w_diff.T
-            v_table = patches @ w.w_anchor[:, :channels].T - u_table
+            u_table = (patches @ w.diff_feat.T) @ w.w_diff.T
+            v_table = patches @ w.anchor_feat.T - u_table
         extra = torch.arange(patches.shape[0], patches.shape[0] + 3, device=corner.device)  # x, y, constant rows
         u_table = torch.cat([u_table, w.u_pos.T, torch.zeros_like(w.bias)[None]])
         v_table = torch.cat([v_table, w.v_pos.T, w.bias[None]])
 
-        index = torch.cat([corner, extra[:2].expand(num_regions, num_points, 2)], dim=-1).reshape(-1, 6)
-        weight = torch.cat([corner_weight, points], dim=-1).reshape(-1, 6)
-        u = F.embedding_bag(index, u_table, per_sample_weights=weight, mode="sum").view(num_regions, num_points, -1)
-
+        u = Bag(u_table, torch.cat([corner, extra[:2].expand(num_regions, num_points, 2)], dim=-1),
+                torch.cat([corner_weight, points], dim=-1))  # [R, P, 6] terms: 4 corners, x, y
         anchors = groups.anchor_index
         num_anchors = anchors.shape[1]
-        anchor_corner = gather_points(corner, anchors)  # [R, S, 4]
         anchor_weight = torch.cat(
-            [gather_points(corner_weight, anchors), gather_points(points, anchors), corner_weight.new_ones(
-                num_regions, num_anchors, 1)], dim=-1)
-        anchor_index = torch.cat([anchor_corner, extra.expand(num_regions, num_anchors, 3)], dim=-1)
-        v = F.embedding_bag(anchor_index.reshape(-1, 7), v_table, per_sample_weights=anchor_weight.reshape(-1, 7),
-                            mode="sum").view(num_regions, num_anchors, -1)
+            [gather_points(corner_weight, anchors), gather_points(points, anchors),
+             corner_weight.new_ones(num_regions, num_anchors, 1)], dim=-1)
+        anchor_index = torch.cat([gather_points(corner, anchors), extra.expand(num_regions, num_anchors, 3)], dim=-1)
+        v = Bag(v_table, anchor_index, anchor_weight)  # [R, S, 7] terms: 4 corners, x, y, constant
         return self._pool(0, u, v, groups.neighbor_index)
 
     def _later_stage(self, stage: int, features: torch.Tensor, pos: torch.Tensor, groups: PointGroups) -> torch.Tensor:
         """Stage i > 0: features [R, P, C] (the previous anchors'), pos [R, P, 2] -> [R, S, C] float32."""
         num_regions, num_points, channels = features.shape
-        point = torch.cat([features.float(), pos], dim=-1).reshape(num_regions * num_points, channels + 2)
-        w = self._stage_weights(stage, fold=point.shape[0] > channels + 2)
-        anchor_point = gather_points(point.view(num_regions, num_points, -1), groups.anchor_index).flatten(0, 1)
-        if w.u is not None:
-            u = point @ w.u.T
-            v = torch.addmm(w.bias, anchor_point, w.v.T)
+        num_anchors = groups.anchor_index.shape[1]
+        feat = features.float().reshape(num_regions * num_points, channels)
+        coords = pos.reshape(num_regions * num_points, 2)
+        w = self._stage_weights(stage, fold=feat.shape[0] > channels + 2)
+        if w.u_feat is not None:
+            u = torch.addmm(coords @ w.u_pos.T, feat, w.u_feat.T)
         else:
-            u = (point @ w.diff.T) @ w.w_diff.T
-            u_anchor = gather_points(u.view(num_regions, num_points, -1), groups.anchor_index).flatten(0, 1)
-            v = torch.addmm(w.bias, anchor_point, w.w_anchor.T) - u_anchor
+            u = torch.addmm(coords @ w.u_pos.T, feat @ w.diff_feat.T, w.w_diff.T)
         u = u.view(num_regions, num_points, channels)
-        v = v.view(num_regions, groups.anchor_index.shape[1], channels)
+        anchor_feat = gather_points(features.float(), groups.anchor_index).flatten(0, 1)
+        anchor_pos = gather_points(pos, groups.anchor_index).flatten(0, 1)
+        if w.u_feat is not None:
+            v = torch.addmm(torch.addmm(w.bias, anchor_pos, w.v_pos.T), anchor_feat, w.v_feat.T)
+        else:
+            # (Wa - Wd WD) p = Wa p - u(p): the anchors' u rows are already computed.
+            u_anchor = gather_points(u, groups.anchor_index).flatten(0, 1)
+            v = torch.addmm(torch.addmm(w.bias, anchor_pos, (w.v_pos + w.u_pos).T), anchor_feat, w.anchor_feat.T)
+            v = v - u_anchor
+        v = v.view(num_regions, num_anchors, channels)
         return self._pool(stage, u, v, groups.neighbor_index)

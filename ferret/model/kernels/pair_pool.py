@@ -33,13 +33,14 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["kernel_available", "pair_pool"]
+__all__ = ["Bag", "kernel_available", "pair_pool"]
 
 # Pair activations ([regions, S, k, C] elements) the PyTorch fallback materialises at once.
 _FALLBACK_CHUNK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 28}
@@ -48,17 +49,64 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
 namespace {
 
-struct Shape { int64_t R, P, S, K, C; };
-
 inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
-// h = u + v; returns mean and 1/sqrt(var + eps) of relu(h) over the C channels (LayerNorm's biased variance).
-inline void pair_stats(const float* __restrict u, const float* __restrict v, float* __restrict h, int64_t C, float eps, float* mean, float* rstd) {
+// One [R, n, C] operand: dense rows, or each row a weighted sum of m rows of a table (a bilinear read).
+struct Source {
+  const float* dense;    // [R, n, C], or null
+  const float* table;    // [T, C]
+  const int64_t* index;  // [R, n, m] into the table
+  const float* weight;   // [R, n, m]
+  int64_t n, m, T;
+};
+
+struct Dims { int64_t R, P, S, K, C; };
+
+// Region r's rows of a source: a pointer into the dense tensor, or the weighted sums written into buf [n, C].
+const float* region_rows(const Source& s, int64_t r, int64_t C, float* __restrict buf) {
+  if (s.dense) return s.dense + r * s.n * C;
+  for (int64_t i = 0; i < s.n; ++i) {
+    float* __restrict o = buf + i * C;
+    std::memset(o, 0, sizeof(float) * C);
+    for (int64_t t = 0; t < s.m; ++t) {
+      const float wt = s.weight[(r * s.n + i) * s.m + t];
+      if (wt == 0.f) continue;
+      const float* __restrict row = s.table + s.index[(r * s.n + i) * s.m + t] * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] += wt * row[c];
+    }
+  }
+  return buf;
+}
+
+// Adds region r's row gradients g [n, C] to the source's gradient: the dense rows, or the table rows they read.
+void scatter_rows(const Source& s, int64_t r, int64_t C, const float* __restrict g, float* grad_dense,
+                  float* grad_table) {
+  if (s.dense) {
+    std::memcpy(grad_dense + r * s.n * C, g, sizeof(float) * s.n * C);
+    return;
+  }
+  for (int64_t i = 0; i < s.n; ++i) {
+    const float* __restrict gi = g + i * C;
+    for (int64_t t = 0; t < s.m; ++t) {
+      const float wt = s.weight[(r * s.n + i) * s.m + t];
+      if (wt == 0.f) continue;
+      float* __restrict row = grad_table + s.index[(r * s.n + i) * s.m + t] * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] += wt * gi[c];
+    }
+  }
+}
+
+// h = u + v; mean and 1/sqrt(var + eps) of relu(h) over the C channels (LayerNorm's biased variance).
+inline void pair_stats(const float* __restrict u, const float* __restrict v, float* __restrict h, int64_t C, float eps,
+                       float* mean, float* rstd) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < C; ++c) {
@@ -76,26 +124,27 @@ inline void pair_stats(const float* __restrict u, const float* __restrict v, flo
   *rstd = 1.f / std::sqrt(sq / static_cast<float>(C) + eps);
 }
 
-void forward_regions(const float* u, const float* v, const int64_t* nb, const float* __restrict w,
-                     const float* __restrict b, float eps, bool max_mode, Shape d, int64_t r0, int64_t r1, float* out,
+void forward_regions(const Source& us, const Source& vs, const int64_t* nb, const float* __restrict w,
+                     const float* __restrict b, float eps, bool max_mode, Dims d, int64_t r0, int64_t r1, float* out,
                      uint8_t* arg) {
+  std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
   std::vector<float> hbuf(d.C), best_buf(d.C), which_buf(d.C);
   float* __restrict h = hbuf.data();
   float* __restrict best = best_buf.data();
   float* __restrict which = which_buf.data();  // the winning neighbour, as a float so the loop vectorises
   for (int64_t r = r0; r < r1; ++r) {
+    const float* u = region_rows(us, r, d.C, ubuf.data());
+    const float* v = region_rows(vs, r, d.C, vbuf.data());
     for (int64_t s = 0; s < d.S; ++s) {
       const int64_t row = r * d.S + s;
-      const float* vr = v + row * d.C;
-      const float start = max_mode ? -INFINITY : 0.f;
+      const float init = max_mode ? -INFINITY : 0.f;
       for (int64_t c = 0; c < d.C; ++c) {
-        best[c] = start;
+        best[c] = init;
         which[c] = 0.f;
       }
       for (int64_t j = 0; j < d.K; ++j) {
-        const float* ur = u + (r * d.P + nb[row * d.K + j]) * d.C;
         float mean, rstd;
-        pair_stats(ur, vr, h, d.C, eps, &mean, &rstd);
+        pair_stats(u + nb[row * d.K + j] * d.C, v + s * d.C, h, d.C, eps, &mean, &rstd);
         if (max_mode) {
           const float fj = static_cast<float>(j);
 #pragma omp simd
@@ -121,24 +170,41 @@ void forward_regions(const float* u, const float* v, const int64_t* nb, const fl
   }
 }
 
-void backward_regions(const float* u, const float* v, const int64_t* nb, const float* w, const float* g,
-                      const uint8_t* arg, float eps, bool max_mode, Shape d, int64_t r0, int64_t r1, float* gu,
-                      float* gv, float* gw, float* gb) {
-  std::vector<float> h(d.C), xh(d.C), dxh(d.C);
+struct Grads {
+  float* u_dense;
+  float* u_table;  // this thread's partial table gradient
+  float* v_dense;
+  float* v_table;
+  float* w;  // this thread's partials, [C]
+  float* b;
+};
+
+void backward_regions(const Source& us, const Source& vs, const int64_t* nb, const float* __restrict w,
+                      const float* g, const uint8_t* arg, float eps, bool max_mode, Dims d, int64_t r0, int64_t r1,
+                      bool need_u, bool need_v, Grads out) {
+  std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
+  std::vector<float> gu_buf(d.P * d.C), gv_buf(d.S * d.C), hbuf(d.C), xbuf(d.C), dbuf(d.C);
+  float* __restrict h = hbuf.data();
+  float* __restrict xh = xbuf.data();
+  float* __restrict dx = dbuf.data();
+  float* __restrict gw = out.w;
+  float* __restrict gb = out.b;
   const float inv_k = 1.f / static_cast<float>(d.K);
   const float inv_c = 1.f / static_cast<float>(d.C);
   for (int64_t r = r0; r < r1; ++r) {
+    const float* u = region_rows(us, r, d.C, ubuf.data());
+    const float* v = region_rows(vs, r, d.C, vbuf.data());
+    std::fill(gu_buf.begin(), gu_buf.end(), 0.f);
     for (int64_t s = 0; s < d.S; ++s) {
       const int64_t row = r * d.S + s;
-      const float* vr = v + row * d.C;
-      const float* gr = g + row * d.C;
-      const uint8_t* a = arg ? arg + row * d.C : nullptr;
-      float* gvr = gv ? gv + row * d.C : nullptr;
+      const float* __restrict gr = g + row * d.C;
+      const uint8_t* __restrict a = max_mode ? arg + row * d.C : nullptr;
+      float* __restrict gv = gv_buf.data() + s * d.C;
+      std::memset(gv, 0, sizeof(float) * d.C);
       for (int64_t j = 0; j < d.K; ++j) {
         const int64_t idx = nb[row * d.K + j];
-        const float* ur = u + (r * d.P + idx) * d.C;
         float mean, rstd;
-        pair_stats(ur, vr, h.data(), d.C, eps, &mean, &rstd);
+        pair_stats(u + idx * d.C, v + s * d.C, h, d.C, eps, &mean, &rstd);
         float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t c = 0; c < d.C; ++c) {
@@ -146,69 +212,93 @@ void backward_regions(const float* u, const float* v, const int64_t* nb, const f
           const float dy = max_mode ? (a[c] == j ? gr[c] : 0.f) : gr[c] * inv_k;
           gw[c] += dy * x;
           gb[c] += dy;
-          const float dx = dy * w[c];
           xh[c] = x;
-          dxh[c] = dx;
-          s1 += dx;
-          s2 += dx * x;
+          dx[c] = dy * w[c];
+          s1 += dx[c];
+          s2 += dx[c] * x;
         }
         const float m1 = s1 * inv_c, m2 = s2 * inv_c;
+        float* __restrict gu = gu_buf.data() + idx * d.C;
 #pragma omp simd
-        for (int64_t c = 0; c < d.C; ++c) dxh[c] = h[c] > 0.f ? rstd * (dxh[c] - m1 - xh[c] * m2) : 0.f;
-        if (gu) {
-          float* gur = gu + (r * d.P + idx) * d.C;
-#pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) gur[c] += dxh[c];
-        }
-        if (gvr) {
-#pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) gvr[c] += dxh[c];
+        for (int64_t c = 0; c < d.C; ++c) {
+          const float dh = h[c] > 0.f ? rstd * (dx[c] - m1 - xh[c] * m2) : 0.f;
+          gu[c] += dh;
+          gv[c] += dh;
         }
       }
     }
+    if (need_u) scatter_rows(us, r, d.C, gu_buf.data(), out.u_dense, out.u_table);
+    if (need_v) scatter_rows(vs, r, d.C, gv_buf.data(), out.v_dense, out.v_table);
   }
 }
 
 template <typename Fn>
-void split_regions(int64_t R, int threads, Fn fn) {
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, R));
+void split_regions(int64_t n, int64_t R, Fn fn) {
   if (n == 1) {
     fn(0, 0, R);
     return;
   }
   std::vector<std::thread> pool;
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t r0 = R * t / n, r1 = R * (t + 1) / n;
-    pool.emplace_back([=] { fn(t, r0, r1); });
-  }
+  for (int64_t t = 0; t < n; ++t) pool.emplace_back([=] { fn(t, R * t / n, R * (t + 1) / n); });
   for (auto& th : pool) th.join();
+}
+
+int64_t thread_count(int threads, int64_t R) { return std::max<int64_t>(1, std::min<int64_t>(threads, R)); }
+
+Source make_source(const float* dense, const float* table, const int64_t* index, const float* weight, int64_t n,
+                   int64_t m, int64_t T) {
+  return Source{dense, table, index, weight, n, m, T};
 }
 
 }  // namespace
 
 extern "C" {
 
-int ferret_pair_pool_forward(const float* u, const float* v, const int64_t* nb, const float* w, const float* b,
-                             float eps, int max_mode, int64_t R, int64_t P, int64_t S, int64_t K, int64_t C,
-                             int threads, float* out, uint8_t* arg) {
-  const Shape d{R, P, S, K, C};
-  split_regions(R, threads, [&](int64_t, int64_t r0, int64_t r1) {
-    forward_regions(u, v, nb, w, b, eps, max_mode != 0, d, r0, r1, out, arg);
+// u: dense [R, P, C] (u_dense) or a bag (u_table [Tu, C], u_index / u_weight [R, P, mu]); v likewise with S rows.
+int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const int64_t* u_index,
+                             const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
+                             const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
+                             int64_t Tv, const int64_t* nb, const float* w, const float* b, float eps, int max_mode,
+                             int64_t R, int64_t P, int64_t S, int64_t K, int64_t C, int threads, float* out,
+                             uint8_t* arg) {
+  const Dims d{R, P, S, K, C};
+  const Source us = make_source(u_dense, u_table, u_index, u_weight, P, mu, Tu);
+  const Source vs = make_source(v_dense, v_table, v_index, v_weight, S, mv, Tv);
+  split_regions(thread_count(threads, R), R, [&](int64_t, int64_t r0, int64_t r1) {
+    forward_regions(us, vs, nb, w, b, eps, max_mode != 0, d, r0, r1, out, arg);
   });
   return 0;
 }
 
-// gu (R*P*C), gv (R*S*C): zero-filled by the caller, or null when not needed. gw, gb: [C], overwritten.
-int ferret_pair_pool_backward(const float* u, const float* v, const int64_t* nb, const float* w, const float* g,
-                              const uint8_t* arg, float eps, int max_mode, int64_t R, int64_t P, int64_t S,
-                              int64_t K, int64_t C, int threads, float* gu, float* gv, float* gw, float* gb) {
-  const Shape d{R, P, S, K, C};
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, R));
+// Gradients: gu_dense [R, P, C] or gu_table [Tu, C] (zero-filled by the caller), likewise for v; null when not
+// needed. gw, gb [C] are overwritten.
+int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const int64_t* u_index,
+                              const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
+                              const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
+                              int64_t Tv, const int64_t* nb, const float* w, const float* g, const uint8_t* arg,
+                              float eps, int max_mode, int64_t R, int64_t P, int64_t S, int64_t K, int64_t C,
+                              int threads, float* gu_dense, float* gu_table, float* gv_dense, float* gv_table,
+                              float* gw, float* gb) {
+  const Dims d{R, P, S, K, C};
+  const Source us = make_source(u_dense, u_table, u_index, u_weight, P, mu, Tu);
+  const Source vs = make_source(v_dense, v_table, v_index, v_weight, S, mv, Tv);
+  const bool need_u = gu_dense || gu_table, need_v = gv_dense || gv_table;
+  const int64_t n = thread_count(threads, R);
+  // Thread 0 writes the caller's buffers; the others write partials that are added in thread order (deterministic).
   std::vector<float> part_w(n * C, 0.f), part_b(n * C, 0.f);
-  split_regions(R, threads, [&](int64_t t, int64_t r0, int64_t r1) {
-    backward_regions(u, v, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, gu, gv, part_w.data() + t * C,
-                     part_b.data() + t * C);
+  std::vector<float> part_u(gu_table ? (n - 1) * Tu * C : 0, 0.f), part_v(gv_table ? (n - 1) * Tv * C : 0, 0.f);
+  split_regions(n, R, [&](int64_t t, int64_t r0, int64_t r1) {
+    Grads out{gu_dense, gu_table, gv_dense, gv_table, part_w.data() + t * C, part_b.data() + t * C};
+    if (t > 0 && gu_table) out.u_table = part_u.data() + (t - 1) * Tu * C;
+    if (t > 0 && gv_table) out.v_table = part_v.data() + (t - 1) * Tv * C;
+    backward_regions(us, vs, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, need_u, need_v, out);
   });
+  for (int64_t t = 1; t < n; ++t) {
+    if (gu_table)
+      for (int64_t i = 0; i < Tu * C; ++i) gu_table[i] += part_u[(t - 1) * Tu * C + i];
+    if (gv_table)
+      for (int64_t i = 0; i < Tv * C; ++i) gv_table[i] += part_v[(t - 1) * Tv * C + i];
+  }
   for (int64_t c = 0; c < C; ++c) {
     float sw = 0.f, sb = 0.f;
     for (int64_t t = 0; t < n; ++t) {
@@ -277,11 +367,12 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the pair-pool kernel failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: concurrent builders never see a half-written library
     library = ctypes.CDLL(str(target))
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.ferret_pair_pool_forward.argtypes = [pointer] * 5 + [ctypes.c_float, ctypes.c_int] + [i64] * 5 + [
-        ctypes.c_int, pointer, pointer]
-    library.ferret_pair_pool_backward.argtypes = [pointer] * 6 + [ctypes.c_float, ctypes.c_int] + [i64] * 5 + [
-        ctypes.c_int] + [pointer] * 4
+    pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    source = [pointer, pointer, pointer, pointer, i64, i64]
+    library.ferret_pair_pool_forward.argtypes = source * 2 + [pointer] * 3 + [f32, i32] + [i64] * 5 + [
+        i32, pointer, pointer]
+    library.ferret_pair_pool_backward.argtypes = source * 2 + [pointer] * 4 + [f32, i32] + [i64] * 5 + [
+        i32] + [pointer] * 6
     return library
 
 
@@ -384,51 +475,96 @@ def _torch_backward(u, v, nb, weight, grad_out, arg, eps, max_mode, need_u, need
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _PairPool(torch.autograd.Function):
+class Bag(NamedTuple):
+    """Rows given as weighted sums of table rows: row (r, i) = sum_t weight[r, i, t] * table[index[r, i, t]].
+
+    table [T, C]; index [R, n, m] long; weight [R, n, m] float32 (not differentiated).
+    """
+
+    table: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    def materialise(self) -> torch.Tensor:
+        """-> [R, n, C], differentiable in the table."""
+        num_regions, rows, terms = self.index.shape
+        out = F.embedding_bag(self.index.reshape(-1, terms), self.table.float(),
+                              per_sample_weights=self.weight.reshape(-1, terms).float(), mode="sum")
+        return out.view(num_regions, rows, -1)
+
+
+class _TorchPairPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, v, nb, weight, bias, eps, max_mode, use_kernel):
-        library = _kernel() if use_kernel and u.device.type == "cpu" else None
-        num_regions, num_points, channels = u.shape
-        _, num_anchors, k = nb.shape
-        if library is not None:
-            out = u.new_empty(num_regions, num_anchors, channels)
-            arg = torch.empty(out.shape, dtype=torch.uint8) if max_mode else None
-            library.ferret_pair_pool_forward(
-                _ptr(u), _ptr(v), _ptr(nb), _ptr(weight), _ptr(bias), eps, int(max_mode),
-                num_regions, num_points, num_anchors, k, channels, torch.get_num_threads(), _ptr(out), _ptr(arg))
-        else:
-            out, arg = _torch_forward(u, v, nb, weight, bias, eps, max_mode)
+    def forward(ctx, u, v, nb, weight, bias, eps, max_mode):
+        out, arg = _torch_forward(u, v, nb, weight, bias, eps, max_mode)
         ctx.save_for_backward(u, v, nb, weight, arg)
-        ctx.eps, ctx.max_mode, ctx.library = eps, max_mode, library
+        ctx.eps, ctx.max_mode = eps, max_mode
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, v, nb, weight, arg = ctx.saved_tensors
-        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_out = grad_out.float().contiguous()
-        library = ctx.library
-        if library is None:
-            grad_u, grad_v, grad_w, grad_b = _torch_backward(
-                u, v, nb, weight, grad_out, arg, ctx.eps, ctx.max_mode, need_u, need_v)
-        else:
-            num_regions, num_points, channels = u.shape
-            _, num_anchors, k = nb.shape
-            grad_u = torch.zeros_like(u) if need_u else None
-            grad_v = torch.zeros_like(v) if need_v else None
-            grad_w = torch.empty(channels)
-            grad_b = torch.empty(channels)
-            library.ferret_pair_pool_backward(
-                _ptr(u), _ptr(v), _ptr(nb), _ptr(weight), _ptr(grad_out), _ptr(arg), ctx.eps, int(ctx.max_mode),
-                num_regions, num_points, num_anchors, k, channels, torch.get_num_threads(),
-                _ptr(grad_u), _ptr(grad_v), _ptr(grad_w), _ptr(grad_b))
-        return grad_u, grad_v, None, grad_w, grad_b, None, None, None
+        grad_u, grad_v, grad_w, grad_b = _torch_backward(
+            u, v, nb, weight, grad_out.float().contiguous(), arg, ctx.eps, ctx.max_mode,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_u, grad_v, None, grad_w, grad_b, None, None
+
+
+def _source_args(data: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None) -> list:
+    """The six C arguments of one operand: (dense, table, index, weight, terms, table rows)."""
+    if index is None:
+        return [_ptr(data), None, None, None, 0, 0]
+    return [None, _ptr(data), _ptr(index), _ptr(weight), index.shape[2], data.shape[0]]
+
+
+class _KernelPairPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, u_index, u_weight, v, v_index, v_weight, nb, weight, bias, eps, max_mode, library):
+        num_regions, num_anchors, k = nb.shape
+        num_points = u.shape[1] if u_index is None else u_index.shape[1]
+        channels = weight.shape[0]
+        out = torch.empty(num_regions, num_anchors, channels)
+        arg = torch.empty(out.shape, dtype=torch.uint8) if max_mode else None
+        library.ferret_pair_pool_forward(
+            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(nb), _ptr(weight),
+            _ptr(bias), eps, int(max_mode), num_regions, num_points, num_anchors, k, channels,
+            torch.get_num_threads(), _ptr(out), _ptr(arg))
+        ctx.save_for_backward(u, u_index, u_weight, v, v_index, v_weight, nb, weight, arg)
+        ctx.eps, ctx.max_mode, ctx.library, ctx.num_points = eps, max_mode, library, num_points
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        u, u_index, u_weight, v, v_index, v_weight, nb, weight, arg = ctx.saved_tensors
+        num_regions, num_anchors, k = nb.shape
+        channels = weight.shape[0]
+        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        # Dense gradients are written row block by row block (empty); table gradients are accumulated (zeros).
+        grad_u = (torch.empty_like(u) if u_index is None else torch.zeros_like(u)) if need_u else None
+        grad_v = (torch.empty_like(v) if v_index is None else torch.zeros_like(v)) if need_v else None
+        grad_w, grad_b = torch.empty(channels), torch.empty(channels)
+        dense_u, table_u = (grad_u, None) if u_index is None else (None, grad_u)
+        dense_v, table_v = (grad_v, None) if v_index is None else (None, grad_v)
+        grad_out = grad_out.float().contiguous()  # bound to a name: the kernel reads it after _ptr returns
+        ctx.library.ferret_pair_pool_backward(
+            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(nb), _ptr(weight),
+            _ptr(grad_out), _ptr(arg), ctx.eps, int(ctx.max_mode), num_regions,
+            ctx.num_points, num_anchors, k, channels, torch.get_num_threads(), _ptr(dense_u), _ptr(table_u),
+            _ptr(dense_v), _ptr(table_v), _ptr(grad_w), _ptr(grad_b))
+        return grad_u, None, None, grad_v, None, None, None, grad_w, grad_b, None, None, None
+
+
+def _operand(x: torch.Tensor | Bag) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(x, Bag):
+        return x.table.float().contiguous(), x.index.long().contiguous(), x.weight.float().contiguous()
+    return x.float().contiguous(), None, None
 
 
 def pair_pool(
-    u: torch.Tensor,
-    v: torch.Tensor,
+    u: torch.Tensor | Bag,
+    v: torch.Tensor | Bag,
     neighbor_index: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -439,36 +575,37 @@ def pair_pool(
     """Pooled LayerNorm(ReLU(u[neighbour] + v[anchor])) of every anchor, computed in fp32.
 
     Args:
-        u: [R, P, C] per-point terms.
-        v: [R, S, C] per-anchor terms.
+        u: [R, P, C] per-point terms, or a ``Bag`` of P rows per region (read inside the kernel, so the [R, P, C]
+            tensor and its gradient are never materialised).
+        v: [R, S, C] per-anchor terms, or a ``Bag`` of S rows per region.
         neighbor_index: [R, S, k] long, indices into P; k <= 255.
         weight, bias: [C] LayerNorm affine parameters; eps its epsilon.
         mode: "max" or "mean" over the k neighbours.
         use_kernel: allow the C++ kernel for CPU tensors (False forces the PyTorch path).
 
     Returns:
-        [R, S, C] float32. Differentiable in u, v, weight and bias.
+        [R, S, C] float32. Differentiable in u (or its table), v (or its table), weight and bias.
     """
     if mode not in ("max", "mean"):
         raise ValueError(f"mode must be 'max' or 'mean', got {mode!r}")
-    if u.dim() != 3 or v.dim() != 3 or neighbor_index.dim() != 3:
+    if neighbor_index.dim() != 3 or not 0 < neighbor_index.shape[2] <= 255:
+        raise ValueError(f"neighbor_index must be [R, S, k] with 1 <= k <= 255, got {tuple(neighbor_index.shape)}")
+    num_regions, num_anchors, _ = neighbor_index.shape
+    u_rows = u.index.shape if isinstance(u, Bag) else u.shape
+    v_rows = v.index.shape if isinstance(v, Bag) else v.shape
+    if len(u_rows) != 3 or len(v_rows) != 3 or u_rows[0] != num_regions or tuple(v_rows[:2]) != (
+            num_regions, num_anchors):
         raise ValueError(
-            f"u [R, P, C], v [R, S, C] and neighbor_index [R, S, k] expected, got {tuple(u.shape)}, "
-            f"{tuple(v.shape)}, {tuple(neighbor_index.shape)}"
+            f"u must have [R, P, .] and v [R, S, .] rows for neighbor_index [R, S, k] = "
+            f"{tuple(neighbor_index.shape)}, got {tuple(u_rows)} and {tuple(v_rows)}"
         )
-    if v.shape[0] != u.shape[0] or v.shape[2] != u.shape[2] or neighbor_index.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"shapes disagree: u {tuple(u.shape)}, v {tuple(v.shape)}, neighbor_index {tuple(neighbor_index.shape)}"
-        )
-    if not 0 < neighbor_index.shape[2] <= 255:
-        raise ValueError(f"between 1 and 255 neighbours are supported, got {neighbor_index.shape[2]}")
-    return _PairPool.apply(
-        u.float().contiguous(),
-        v.float().contiguous(),
-        neighbor_index.long().contiguous(),
-        weight.float().contiguous(),
-        bias.float().contiguous(),
-        float(eps),
-        mode == "max",
-        use_kernel,
-    )
+    device = neighbor_index.device
+    library = _kernel() if use_kernel and device.type == "cpu" else None
+    nb = neighbor_index.long().contiguous()
+    w, b = weight.float().contiguous(), bias.float().contiguous()
+    if library is None:
+        dense_u = u.materialise() if isinstance(u, Bag) else u
+        dense_v = v.materialise() if isinstance(v, Bag) else v
+        return _TorchPairPool.apply(dense_u.float().contiguous(), dense_v.float().contiguous(), nb, w, b,
+                                    float(eps), mode == "max")
+    return _KernelPairPool.apply(*_operand(u), *_operand(v), nb, w, b, float(eps), mode == "max", library)
