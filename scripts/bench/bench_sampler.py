@@ -16,7 +16,7 @@ What it prints (all per region, medians of --repeats runs):
 3. **Where the time goes** in one training call at --batch: masks -> points, planning (farthest points + kNN),
    the fused pair kernel forward and backward, matrix products, the rest.
 4. **Memory**: peak resident memory added by one training call (forward + backward) at --batch, measured in a fresh
-   process (peak CUDA memory on a GPU); and the reference's at --ratio-batch.
+   process (peak CUDA memory on a GPU); and the reference's at --ratio-batch (not with --quick).
 
 Wall time and process CPU time are both reported: on a machine shared with other jobs CPU time is the steadier.
 Masks are boxes, ellipses and polygons on 320..640 px images; points come from ``sample_region_points``.
@@ -275,7 +275,7 @@ def memory_probe(args) -> None:
 
 def memory_table(args) -> None:
     rows = [("ours", args.batch, False)]
-    if not args.skip_reference:
+    if not args.skip_reference and not args.quick:
         rows.append(("reference", args.ratio_batch, True))
     print("\n### Memory of one training call (forward + backward), fresh process\n")
     print("| implementation | batch | peak memory added | per region |")

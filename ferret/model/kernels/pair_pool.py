@@ -8,8 +8,13 @@ For every region r, anchor s and neighbour j of the sampler's point hierarchy::
 
 ``pair_pool`` computes ``out`` without ever holding the [R, S, k, C] pair tensor: the forward keeps, for max pooling,
 only which neighbour won each channel (one byte per output value), and the backward recomputes each pair's
-activations from ``u`` and ``v`` and scatters its gradient straight into ``grad_u`` (no per-chunk zero gradient).
-Gradients follow ``torch.max``'s convention: the first maximal neighbour of a channel receives all of its gradient.
+activations from ``u`` and ``v`` and adds its gradient straight into the gradient of ``u`` (no per-chunk zero
+gradient of the whole ``u``). Gradients follow ``torch.max``'s convention: the first maximal neighbour of a channel
+receives all of its gradient.
+
+``u`` and ``v`` may be given as a ``Bag``: each row a weighted sum of a few rows of a table (the sampler's bilinear
+reads of projected patches). The C++ kernel then builds one region's rows at a time in a cache-sized buffer and sends
+their gradient to the table rows, so neither the [R, P, C] rows nor their gradient is ever materialised.
 
 Two implementations with the same contract:
 
