@@ -628,25 +628,29 @@ class SpatialAwareVisualSampler(nn.Module):
         touched, corner = torch.unique(corner, return_inverse=True)  # one host sync per call
         patches = feature_map.reshape(num_images * num_patches, channels).index_select(0, touched).float()
         w = self._stage_weights(0, fold=patches.shape[0] > channels + 2)
+        num_touched = patches.shape[0]
         if w.u_feat is not None:
-            u_table = patches @ w.u_feat.T
-            v_table = patches @ w.v_feat.T
+            u_table = patches @ w.u_feat.T  # (Wd WD) f per patch
         else:
             u_table = (patches @ w.diff_feat.T) @ w.w_diff.T
-            v_table = patches @ w.anchor_feat.T - u_table
-        extra = torch.arange(patches.shape[0], patches.shape[0] + 3, device=corner.device)  # x, y, constant rows
-        u_table = torch.cat([u_table, w.u_pos.T, torch.zeros_like(w.bias)[None]])
-        v_table = torch.cat([v_table, w.v_pos.T, w.bias[None]])
+        a_table = patches @ w.anchor_feat.T  # Wa f per patch
+        # One table for both: v = Wa p_anc + c - u(p_anc) reads the anchor's own u rows with negated weights, so the
+        # gradients of u's rows (from neighbours, and negated from anchors) meet in one accumulator.
+        table = torch.cat([u_table, a_table, w.u_pos.T, w.v_pos.T, w.bias[None]])  # [2T + 5, C]
+        u_pos_rows = torch.arange(2 * num_touched, 2 * num_touched + 2, device=corner.device)
+        v_extra = torch.arange(2 * num_touched + 2, 2 * num_touched + 5, device=corner.device)  # x, y, constant
 
-        u = Bag(u_table, torch.cat([corner, extra[:2].expand(num_regions, num_points, 2)], dim=-1),
-                torch.cat([corner_weight, points], dim=-1))  # [R, P, 6] terms: 4 corners, x, y
+        u = Bag(table, torch.cat([corner, u_pos_rows.expand(num_regions, num_points, 2)], dim=-1),
+                torch.cat([corner_weight, points], dim=-1))  # [R, P, 6] terms: 4 corners of u, x, y
         anchors = groups.anchor_index
         num_anchors = anchors.shape[1]
-        anchor_weight = torch.cat(
-            [gather_points(corner_weight, anchors), gather_points(points, anchors),
-             corner_weight.new_ones(num_regions, num_anchors, 1)], dim=-1)
-        anchor_index = torch.cat([gather_points(corner, anchors), extra.expand(num_regions, num_anchors, 3)], dim=-1)
-        v = Bag(v_table, anchor_index, anchor_weight)  # [R, S, 7] terms: 4 corners, x, y, constant
+        anchor_corner, anchor_weight = gather_points(corner, anchors), gather_points(corner_weight, anchors)
+        v = Bag(
+            table,
+            torch.cat([anchor_corner + num_touched, anchor_corner, v_extra.expand(num_regions, num_anchors, 3)], -1),
+            torch.cat([anchor_weight, -anchor_weight, gather_points(points, anchors),
+                       anchor_weight.new_ones(num_regions, num_anchors, 1)], dim=-1),
+        )  # [R, S, 11] terms: 4 corners of Wa f, minus 4 corners of u, x, y, constant
         return self._pool(0, u, v, groups.neighbor_index)
 
     def _later_stage(self, stage: int, features: torch.Tensor, pos: torch.Tensor, groups: PointGroups) -> torch.Tensor:

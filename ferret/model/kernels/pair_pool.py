@@ -91,8 +91,10 @@ const float* region_rows(const Source& s, int64_t r, int64_t C, float* __restric
 }
 
 // Adds region r's row gradients g [n, C] to the source's gradient: the dense rows, or the table rows they read.
+// Table gradients are accumulated in double: a table row receives the gradients of many points and anchors, with
+// both signs when u and v read the same table, and their sum is much smaller than its terms.
 void scatter_rows(const Source& s, int64_t r, int64_t C, const float* __restrict g, float* grad_dense,
-                  float* grad_table) {
+                  double* grad_table) {
   if (s.dense) {
     std::memcpy(grad_dense + r * s.n * C, g, sizeof(float) * s.n * C);
     return;
@@ -102,9 +104,10 @@ void scatter_rows(const Source& s, int64_t r, int64_t C, const float* __restrict
     for (int64_t t = 0; t < s.m; ++t) {
       const float wt = s.weight[(r * s.n + i) * s.m + t];
       if (wt == 0.f) continue;
-      float* __restrict row = grad_table + s.index[(r * s.n + i) * s.m + t] * C;
+      double* __restrict row = grad_table + s.index[(r * s.n + i) * s.m + t] * C;
+      const double wd = wt;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) row[c] += wt * gi[c];
+      for (int64_t c = 0; c < C; ++c) row[c] += wd * gi[c];
     }
   }
 }
@@ -177,9 +180,9 @@ void forward_regions(const Source& us, const Source& vs, const int64_t* nb, cons
 
 struct Grads {
   float* u_dense;
-  float* u_table;  // this thread's partial table gradient
+  double* u_table;  // this thread's partial table gradient
   float* v_dense;
-  float* v_table;
+  double* v_table;
   float* w;  // this thread's partials, [C]
   float* b;
 };
@@ -275,8 +278,8 @@ int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const i
   return 0;
 }
 
-// Gradients: gu_dense [R, P, C] or gu_table [Tu, C] (zero-filled by the caller), likewise for v; null when not
-// needed. gw, gb [C] are overwritten.
+// Gradients: gu_dense [R, P, C] or gu_table [Tu, C], likewise for v (all overwritten); null when not needed.
+// gw, gb [C] are overwritten.
 int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const int64_t* u_index,
                               const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
                               const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
@@ -287,23 +290,28 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
   const Dims d{R, P, S, K, C};
   const Source us = make_source(u_dense, u_table, u_index, u_weight, P, mu, Tu);
   const Source vs = make_source(v_dense, v_table, v_index, v_weight, S, mv, Tv);
-  const bool need_u = gu_dense || gu_table, need_v = gv_dense || gv_table;
+  // u and v reading one table (gv_table null): both gradients go to gu_table, summed in one accumulator.
+  const bool shared = u_table != nullptr && u_table == v_table;
+  const bool need_u = gu_dense || gu_table, need_v = gv_dense || gv_table || (shared && gu_table);
   const int64_t n = thread_count(threads, R);
-  // Thread 0 writes the caller's buffers; the others write partials that are added in thread order (deterministic).
   std::vector<float> part_w(n * C, 0.f), part_b(n * C, 0.f);
-  std::vector<float> part_u(gu_table ? (n - 1) * Tu * C : 0, 0.f), part_v(gv_table ? (n - 1) * Tv * C : 0, 0.f);
+  std::vector<double> part_u(gu_table ? n * Tu * C : 0, 0.0), part_v(gv_table && !shared ? n * Tv * C : 0, 0.0);
   split_regions(n, R, [&](int64_t t, int64_t r0, int64_t r1) {
-    Grads out{gu_dense, gu_table, gv_dense, gv_table, part_w.data() + t * C, part_b.data() + t * C};
-    if (t > 0 && gu_table) out.u_table = part_u.data() + (t - 1) * Tu * C;
-    if (t > 0 && gv_table) out.v_table = part_v.data() + (t - 1) * Tv * C;
+    Grads out{gu_dense, nullptr, gv_dense, nullptr, part_w.data() + t * C, part_b.data() + t * C};
+    if (gu_table) out.u_table = part_u.data() + t * Tu * C;
+    if (shared) out.v_table = out.u_table;
+    else if (gv_table) out.v_table = part_v.data() + t * Tv * C;
     backward_regions(us, vs, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, need_u, need_v, out);
   });
-  for (int64_t t = 1; t < n; ++t) {
-    if (gu_table)
-      for (int64_t i = 0; i < Tu * C; ++i) gu_table[i] += part_u[(t - 1) * Tu * C + i];
-    if (gv_table)
-      for (int64_t i = 0; i < Tv * C; ++i) gv_table[i] += part_v[(t - 1) * Tv * C + i];
-  }
+  auto reduce = [n](const std::vector<double>& parts, int64_t size, float* target) {
+    for (int64_t i = 0; i < size; ++i) {
+      double sum = 0.0;
+      for (int64_t t = 0; t < n; ++t) sum += parts[t * size + i];
+      target[i] = static_cast<float>(sum);
+    }
+  };
+  if (gu_table) reduce(part_u, Tu * C, gu_table);
+  if (gv_table && !shared) reduce(part_v, Tv * C, gv_table);
   for (int64_t c = 0; c < C; ++c) {
     float sw = 0.f, sb = 0.f;
     for (int64_t t = 0; t < n; ++t) {
@@ -546,9 +554,9 @@ class _KernelPairPool(torch.autograd.Function):
         num_regions, num_anchors, k = nb.shape
         channels = weight.shape[0]
         need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        # Dense gradients are written row block by row block (empty); table gradients are accumulated (zeros).
-        grad_u = (torch.empty_like(u) if u_index is None else torch.zeros_like(u)) if need_u else None
-        grad_v = (torch.empty_like(v) if v_index is None else torch.zeros_like(v)) if need_v else None
+        shared = u_index is not None and u is v  # one table read by both: one gradient, returned once
+        grad_u = torch.empty_like(u) if need_u or (shared and need_v) else None
+        grad_v = torch.empty_like(v) if need_v and not shared else None
         grad_w, grad_b = torch.empty(channels), torch.empty(channels)
         dense_u, table_u = (grad_u, None) if u_index is None else (None, grad_u)
         dense_v, table_v = (grad_v, None) if v_index is None else (None, grad_v)
@@ -582,7 +590,8 @@ def pair_pool(
     Args:
         u: [R, P, C] per-point terms, or a ``Bag`` of P rows per region (read inside the kernel, so the [R, P, C]
             tensor and its gradient are never materialised).
-        v: [R, S, C] per-anchor terms, or a ``Bag`` of S rows per region.
+        v: [R, S, C] per-anchor terms, or a ``Bag`` of S rows per region. When both are bags of the same table
+            tensor, its gradient is accumulated once, in double precision, so terms of opposite sign cancel exactly.
         neighbor_index: [R, S, k] long, indices into P; k <= 255.
         weight, bias: [C] LayerNorm affine parameters; eps its epsilon.
         mode: "max" or "mean" over the k neighbours.
