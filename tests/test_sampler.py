@@ -290,9 +290,10 @@ def test_forward_equals_the_original_at_release_sizes():
 
 
 def test_gradients_at_release_sizes_agree_with_a_float64_run_of_the_original():
-    # At C = 1024 gradient sums run over tens of thousands of pair terms, and the factored form gets the stage-0
-    # diff projection's gradient as a difference of per-point and per-anchor sums, so fp32 rounding shows at the
-    # 1e-5 level; an fp64 run of the reference is the yardstick (mean pooling: no max-pool winners to flip).
+    # At C = 1024 gradient sums run over tens of thousands of pair terms, so two fp32 implementations differ by
+    # their rounding; an fp64 run of the reference is the yardstick (mean pooling: no max-pool winners to flip).
+    # The factored form must not lose accuracy where the diff projection's gradient is a small difference of
+    # large per-point and per-anchor sums.
     torch.manual_seed(0)
     sampler = SpatialAwareVisualSampler(input_dim=1024, output_dim=16, pooler_mode="mean", transposed=True).train()
     g = torch.Generator().manual_seed(4)
@@ -306,8 +307,7 @@ def test_gradients_at_release_sizes_agree_with_a_float64_run_of_the_original():
     _, truth = grads_of(exact, feature_map.double(), lambda m, f: m(f, points.double(), index), weights.double())
     for name, value in truth.items():
         error = ((ours[name].double() - value).norm() / value.norm()).item()
-        print(name, f"{error:.1e}")
-        assert error < 2e-4, f"{name}: relative error {error:.2e} against float64"
+        assert error < 1e-5, f"{name}: relative error {error:.2e} against float64"
 
 
 def test_optimised_path_is_deterministic_forward_and_backward():

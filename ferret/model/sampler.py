@@ -444,20 +444,18 @@ class _StageWeights(NamedTuple):
     """One stage's affine maps in fp32, split into the feature columns (acting on f) and the coordinate columns
     (acting on x, y) of p = [f; x, y] (see the module docstring).
 
-    u_pos / v_pos: the coordinate columns of Wd WD and of Wa - Wd WD, [C, 2]; bias: Wd bD + b, [C].
-    Folded (u_feat, v_feat not None): the feature columns of Wd WD and Wa - Wd WD, [C, C]. Unfolded: ``diff_feat``
-    (WD's feature columns, [C+2, C]) and ``w_diff`` (Wd, [C, C+2]) are applied one after the other, and
-    ``anchor_feat`` (Wa's feature columns, [C, C]) separately.
+    u_pos / a_pos: the coordinate columns of Wd WD and of Wa, [C, 2]; bias: Wd bD + b, [C]; anchor_feat: Wa's
+    feature columns, [C, C]. u_feat: the feature columns of Wd WD, [C, C], when folded; otherwise None and
+    ``diff_feat`` (WD's feature columns, [C+2, C]) and ``w_diff`` (Wd, [C, C+2]) are applied one after the other.
     """
 
     u_pos: torch.Tensor
-    v_pos: torch.Tensor
+    a_pos: torch.Tensor
     bias: torch.Tensor
+    anchor_feat: torch.Tensor
     u_feat: torch.Tensor | None
-    v_feat: torch.Tensor | None
     diff_feat: torch.Tensor
     w_diff: torch.Tensor
-    anchor_feat: torch.Tensor
 
 
 class SpatialAwareVisualSampler(nn.Module):
@@ -596,22 +594,18 @@ class SpatialAwareVisualSampler(nn.Module):
         diff_feat, diff_pos = diff.split(channels, dim=1)  # [C+2, C], [C+2, 2]
         anchor_feat, anchor_pos = w_anchor.split(channels, dim=1)
         u_pos = w_diff @ diff_pos  # [C, 2]
-        v_pos = anchor_pos - u_pos
         bias = torch.addmv(conv.bias.float(), w_diff, diff_proj.bias.float())
-        u_feat = v_feat = None
-        if fold:
-            u_feat = w_diff @ diff_feat  # [C, C]
-            v_feat = anchor_feat - u_feat
-        weights = _StageWeights(u_pos, v_pos, bias, u_feat, v_feat, diff_feat, w_diff, anchor_feat)
+        u_feat = w_diff @ diff_feat if fold else None  # [C, C]
+        weights = _StageWeights(u_pos, anchor_pos, bias, anchor_feat, u_feat, diff_feat, w_diff)
         if inference:
             self._folded_cache[stage] = (key, weights)
         return weights
 
-    def _pool(
-        self, stage: int, u: torch.Tensor | Bag, v: torch.Tensor | Bag, neighbor_index: torch.Tensor
-    ) -> torch.Tensor:
+    def _pool(self, stage: int, u: torch.Tensor | Bag, a: torch.Tensor | Bag, groups: PointGroups) -> torch.Tensor:
+        """Pooled LayerNorm(ReLU(u[neighbour] - u[anchor] + a[anchor])) of every anchor: [R, S, C] float32."""
         norm = self.agg_projector_list[stage].norm
-        return pair_pool(u, v, neighbor_index, norm.weight, norm.bias, norm.eps, self.pooler_mode, self.use_kernel)
+        return pair_pool(u, a, groups.neighbor_index, norm.weight, norm.bias, norm.eps, self.pooler_mode,
+                         self.use_kernel, anchor_index=groups.anchor_index)
 
     def _first_stage(
         self, feature_map: torch.Tensor, side: int, points: torch.Tensor, image_index: torch.Tensor, groups: PointGroups
@@ -634,45 +628,38 @@ class SpatialAwareVisualSampler(nn.Module):
         else:
             u_table = (patches @ w.diff_feat.T) @ w.w_diff.T
         a_table = patches @ w.anchor_feat.T  # Wa f per patch
-        # One table for both: v = Wa p_anc + c - u(p_anc) reads the anchor's own u rows with negated weights, so the
-        # gradients of u's rows (from neighbours, and negated from anchors) meet in one accumulator.
-        table = torch.cat([u_table, a_table, w.u_pos.T, w.v_pos.T, w.bias[None]])  # [2T + 5, C]
+        # One table for both operands, so the kernel sums their gradients in one double-precision accumulator.
+        table = torch.cat([u_table, a_table, w.u_pos.T, w.a_pos.T, w.bias[None]])  # [2T + 5, C]
         u_pos_rows = torch.arange(2 * num_touched, 2 * num_touched + 2, device=corner.device)
-        v_extra = torch.arange(2 * num_touched + 2, 2 * num_touched + 5, device=corner.device)  # x, y, constant
+        a_extra = torch.arange(2 * num_touched + 2, 2 * num_touched + 5, device=corner.device)  # x, y, constant
 
         u = Bag(table, torch.cat([corner, u_pos_rows.expand(num_regions, num_points, 2)], dim=-1),
                 torch.cat([corner_weight, points], dim=-1))  # [R, P, 6] terms: 4 corners of u, x, y
         anchors = groups.anchor_index
         num_anchors = anchors.shape[1]
-        anchor_corner, anchor_weight = gather_points(corner, anchors), gather_points(corner_weight, anchors)
-        v = Bag(
+        a = Bag(
             table,
-            torch.cat([anchor_corner + num_touched, anchor_corner, v_extra.expand(num_regions, num_anchors, 3)], -1),
-            torch.cat([anchor_weight, -anchor_weight, gather_points(points, anchors),
-                       anchor_weight.new_ones(num_regions, num_anchors, 1)], dim=-1),
-        )  # [R, S, 11] terms: 4 corners of Wa f, minus 4 corners of u, x, y, constant
-        return self._pool(0, u, v, groups.neighbor_index)
+            torch.cat([gather_points(corner, anchors) + num_touched, a_extra.expand(num_regions, num_anchors, 3)], -1),
+            torch.cat([gather_points(corner_weight, anchors), gather_points(points, anchors),
+                       corner_weight.new_ones(num_regions, num_anchors, 1)], dim=-1),
+        )  # [R, S, 7] terms: 4 corners of Wa f, x, y, constant
+        return self._pool(0, u, a, groups)
 
     def _later_stage(self, stage: int, features: torch.Tensor, pos: torch.Tensor, groups: PointGroups) -> torch.Tensor:
         """Stage i > 0: features [R, P, C] (the previous anchors'), pos [R, P, 2] -> [R, S, C] float32."""
         num_regions, num_points, channels = features.shape
-        num_anchors = groups.anchor_index.shape[1]
-        feat = features.float().reshape(num_regions * num_points, channels)
-        coords = pos.reshape(num_regions * num_points, 2)
-        w = self._stage_weights(stage, fold=feat.shape[0] > channels + 2)
-        if w.u_feat is not None:
-            u = torch.addmm(coords @ w.u_pos.T, feat, w.u_feat.T)
+        point = torch.cat([features.float(), pos], dim=-1)  # [R, P, C+2]
+        # u is only ever used as u[neighbour] - u[anchor], so it may be computed from points centred per region:
+        # its gradient then multiplies small centred values instead of cancelling between large sums.
+        centred = (point - point.mean(dim=1, keepdim=True)).reshape(num_regions * num_points, channels + 2)
+        w = self._stage_weights(stage, fold=centred.shape[0] > channels + 2)
+        u_pos_feat = torch.cat([w.u_feat, w.u_pos], dim=1) if w.u_feat is not None else None
+        if u_pos_feat is not None:
+            u = centred @ u_pos_feat.T
         else:
-            u = torch.addmm(coords @ w.u_pos.T, feat @ w.diff_feat.T, w.w_diff.T)
+            u = torch.addmm(centred[:, channels:] @ w.u_pos.T, centred[:, :channels] @ w.diff_feat.T, w.w_diff.T)
         u = u.view(num_regions, num_points, channels)
-        anchor_feat = gather_points(features.float(), groups.anchor_index).flatten(0, 1)
-        anchor_pos = gather_points(pos, groups.anchor_index).flatten(0, 1)
-        if w.u_feat is not None:
-            v = torch.addmm(torch.addmm(w.bias, anchor_pos, w.v_pos.T), anchor_feat, w.v_feat.T)
-        else:
-            # (Wa - Wd WD) p = Wa p - u(p): the anchors' u rows are already computed.
-            u_anchor = gather_points(u, groups.anchor_index).flatten(0, 1)
-            v = torch.addmm(torch.addmm(w.bias, anchor_pos, (w.v_pos + w.u_pos).T), anchor_feat, w.anchor_feat.T)
-            v = v - u_anchor
-        v = v.view(num_regions, num_anchors, channels)
-        return self._pool(stage, u, v, groups.neighbor_index)
+        anchor_point = gather_points(point, groups.anchor_index).flatten(0, 1)
+        a = torch.addmm(torch.addmm(w.bias, anchor_point[:, channels:], w.a_pos.T), anchor_point[:, :channels],
+                        w.anchor_feat.T).view(num_regions, -1, channels)
+        return self._pool(stage, u, a, groups)

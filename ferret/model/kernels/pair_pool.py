@@ -93,14 +93,15 @@ const float* region_rows(const Source& s, int64_t r, int64_t C, float* __restric
 // Adds region r's row gradients g [n, C] to the source's gradient: the dense rows, or the table rows they read.
 // Table gradients are accumulated in double: a table row receives the gradients of many points and anchors, with
 // both signs when u and v read the same table, and their sum is much smaller than its terms.
-void scatter_rows(const Source& s, int64_t r, int64_t C, const float* __restrict g, float* grad_dense,
+void scatter_rows(const Source& s, int64_t r, int64_t C, const double* __restrict g, float* grad_dense,
                   double* grad_table) {
   if (s.dense) {
-    std::memcpy(grad_dense + r * s.n * C, g, sizeof(float) * s.n * C);
+    float* __restrict out = grad_dense + r * s.n * C;
+    for (int64_t i = 0; i < s.n * C; ++i) out[i] = static_cast<float>(g[i]);
     return;
   }
   for (int64_t i = 0; i < s.n; ++i) {
-    const float* __restrict gi = g + i * C;
+    const double* __restrict gi = g + i * C;
     for (int64_t t = 0; t < s.m; ++t) {
       const float wt = s.weight[(r * s.n + i) * s.m + t];
       if (wt == 0.f) continue;
@@ -110,6 +111,20 @@ void scatter_rows(const Source& s, int64_t r, int64_t C, const float* __restrict
       for (int64_t c = 0; c < C; ++c) row[c] += wd * gi[c];
     }
   }
+}
+
+// With anchor indices, the anchor term is v[s] - u[anchor[s]] (written into buf [S, C]); otherwise v itself.
+const float* anchor_rows(const float* v, const float* u, const int64_t* anchor, int64_t r, int64_t S, int64_t C,
+                         float* __restrict buf) {
+  if (!anchor) return v;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* __restrict vs = v + s * C;
+    const float* __restrict us = u + anchor[r * S + s] * C;
+    float* __restrict o = buf + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = vs[c] - us[c];
+  }
+  return buf;
 }
 
 // h = u + v; mean and 1/sqrt(var + eps) of relu(h) over the C channels (LayerNorm's biased variance).
@@ -132,17 +147,18 @@ inline void pair_stats(const float* __restrict u, const float* __restrict v, flo
   *rstd = 1.f / std::sqrt(sq / static_cast<float>(C) + eps);
 }
 
-void forward_regions(const Source& us, const Source& vs, const int64_t* nb, const float* __restrict w,
+void forward_regions(const Source& us, const Source& vs, const int64_t* anchor, const int64_t* nb,
+                     const float* __restrict w,
                      const float* __restrict b, float eps, bool max_mode, Dims d, int64_t r0, int64_t r1, float* out,
                      uint8_t* arg) {
-  std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
+  std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C), abuf(anchor ? d.S * d.C : 0);
   std::vector<float> hbuf(d.C), best_buf(d.C), which_buf(d.C);
   float* __restrict h = hbuf.data();
   float* __restrict best = best_buf.data();
   float* __restrict which = which_buf.data();  // the winning neighbour, as a float so the loop vectorises
   for (int64_t r = r0; r < r1; ++r) {
     const float* u = region_rows(us, r, d.C, ubuf.data());
-    const float* v = region_rows(vs, r, d.C, vbuf.data());
+    const float* v = anchor_rows(region_rows(vs, r, d.C, vbuf.data()), u, anchor, r, d.S, d.C, abuf.data());
     for (int64_t s = 0; s < d.S; ++s) {
       const int64_t row = r * d.S + s;
       const float init = max_mode ? -INFINITY : 0.f;
@@ -187,11 +203,15 @@ struct Grads {
   float* b;
 };
 
-void backward_regions(const Source& us, const Source& vs, const int64_t* nb, const float* __restrict w,
+void backward_regions(const Source& us, const Source& vs, const int64_t* anchor, const int64_t* nb,
+                      const float* __restrict w,
                       const float* g, const uint8_t* arg, float eps, bool max_mode, Dims d, int64_t r0, int64_t r1,
                       bool need_u, bool need_v, Grads out) {
   std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
-  std::vector<float> gu_buf(d.P * d.C), gv_buf(d.S * d.C), hbuf(d.C), xbuf(d.C), dbuf(d.C);
+  std::vector<float> abuf(anchor ? d.S * d.C : 0), hbuf(d.C), xbuf(d.C), dbuf(d.C);
+  // Per-point and per-anchor gradients in double: with anchor indices a point collects +dh as a neighbour and
+  // -dh as an anchor, and the small difference is what matters.
+  std::vector<double> gu_buf(d.P * d.C), gv_buf(d.S * d.C);
   float* __restrict h = hbuf.data();
   float* __restrict xh = xbuf.data();
   float* __restrict dx = dbuf.data();
@@ -201,14 +221,14 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* nb, con
   const float inv_c = 1.f / static_cast<float>(d.C);
   for (int64_t r = r0; r < r1; ++r) {
     const float* u = region_rows(us, r, d.C, ubuf.data());
-    const float* v = region_rows(vs, r, d.C, vbuf.data());
-    std::fill(gu_buf.begin(), gu_buf.end(), 0.f);
+    const float* v = anchor_rows(region_rows(vs, r, d.C, vbuf.data()), u, anchor, r, d.S, d.C, abuf.data());
+    std::fill(gu_buf.begin(), gu_buf.end(), 0.0);
     for (int64_t s = 0; s < d.S; ++s) {
       const int64_t row = r * d.S + s;
       const float* __restrict gr = g + row * d.C;
       const uint8_t* __restrict a = max_mode ? arg + row * d.C : nullptr;
-      float* __restrict gv = gv_buf.data() + s * d.C;
-      std::memset(gv, 0, sizeof(float) * d.C);
+      double* __restrict gv = gv_buf.data() + s * d.C;
+      std::fill(gv, gv + d.C, 0.0);
       for (int64_t j = 0; j < d.K; ++j) {
         const int64_t idx = nb[row * d.K + j];
         float mean, rstd;
@@ -226,13 +246,18 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* nb, con
           s2 += dx[c] * x;
         }
         const float m1 = s1 * inv_c, m2 = s2 * inv_c;
-        float* __restrict gu = gu_buf.data() + idx * d.C;
+        double* __restrict gu = gu_buf.data() + idx * d.C;
 #pragma omp simd
         for (int64_t c = 0; c < d.C; ++c) {
           const float dh = h[c] > 0.f ? rstd * (dx[c] - m1 - xh[c] * m2) : 0.f;
           gu[c] += dh;
           gv[c] += dh;
         }
+      }
+      if (anchor) {
+        double* __restrict ga = gu_buf.data() + anchor[row] * d.C;
+#pragma omp simd
+        for (int64_t c = 0; c < d.C; ++c) ga[c] -= gv[c];
       }
     }
     if (need_u) scatter_rows(us, r, d.C, gu_buf.data(), out.u_dense, out.u_table);
@@ -263,17 +288,18 @@ Source make_source(const float* dense, const float* table, const int64_t* index,
 extern "C" {
 
 // u: dense [R, P, C] (u_dense) or a bag (u_table [Tu, C], u_index / u_weight [R, P, mu]); v likewise with S rows.
+// anchor [R, S] (or null): the anchor term is v[s] - u[anchor[s]].
 int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const int64_t* u_index,
                              const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
                              const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
-                             int64_t Tv, const int64_t* nb, const float* w, const float* b, float eps, int max_mode,
+                             int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* b, float eps, int max_mode,
                              int64_t R, int64_t P, int64_t S, int64_t K, int64_t C, int threads, float* out,
                              uint8_t* arg) {
   const Dims d{R, P, S, K, C};
   const Source us = make_source(u_dense, u_table, u_index, u_weight, P, mu, Tu);
   const Source vs = make_source(v_dense, v_table, v_index, v_weight, S, mv, Tv);
   split_regions(thread_count(threads, R), R, [&](int64_t, int64_t r0, int64_t r1) {
-    forward_regions(us, vs, nb, w, b, eps, max_mode != 0, d, r0, r1, out, arg);
+    forward_regions(us, vs, anchor, nb, w, b, eps, max_mode != 0, d, r0, r1, out, arg);
   });
   return 0;
 }
@@ -283,7 +309,7 @@ int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const i
 int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const int64_t* u_index,
                               const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
                               const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
-                              int64_t Tv, const int64_t* nb, const float* w, const float* g, const uint8_t* arg,
+                              int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* g, const uint8_t* arg,
                               float eps, int max_mode, int64_t R, int64_t P, int64_t S, int64_t K, int64_t C,
                               int threads, float* gu_dense, float* gu_table, float* gv_dense, float* gv_table,
                               float* gw, float* gb) {
@@ -301,7 +327,7 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
     if (gu_table) out.u_table = part_u.data() + t * Tu * C;
     if (shared) out.v_table = out.u_table;
     else if (gv_table) out.v_table = part_v.data() + t * Tv * C;
-    backward_regions(us, vs, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, need_u, need_v, out);
+    backward_regions(us, vs, anchor, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, need_u, need_v, out);
   });
   auto reduce = [n](const std::vector<double>& parts, int64_t size, float* target) {
     for (int64_t i = 0; i < size; ++i) {
@@ -382,9 +408,9 @@ def _build() -> ctypes.CDLL:
     library = ctypes.CDLL(str(target))
     pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     source = [pointer, pointer, pointer, pointer, i64, i64]
-    library.ferret_pair_pool_forward.argtypes = source * 2 + [pointer] * 3 + [f32, i32] + [i64] * 5 + [
+    library.ferret_pair_pool_forward.argtypes = source * 2 + [pointer] * 4 + [f32, i32] + [i64] * 5 + [
         i32, pointer, pointer]
-    library.ferret_pair_pool_backward.argtypes = source * 2 + [pointer] * 4 + [f32, i32] + [i64] * 5 + [
+    library.ferret_pair_pool_backward.argtypes = source * 2 + [pointer] * 5 + [f32, i32] + [i64] * 5 + [
         i32] + [pointer] * 6
     return library
 
@@ -533,24 +559,24 @@ def _source_args(data: torch.Tensor, index: torch.Tensor | None, weight: torch.T
 
 class _KernelPairPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, u_index, u_weight, v, v_index, v_weight, nb, weight, bias, eps, max_mode, library):
+    def forward(ctx, u, u_index, u_weight, v, v_index, v_weight, anchor, nb, weight, bias, eps, max_mode, library):
         num_regions, num_anchors, k = nb.shape
         num_points = u.shape[1] if u_index is None else u_index.shape[1]
         channels = weight.shape[0]
         out = torch.empty(num_regions, num_anchors, channels)
         arg = torch.empty(out.shape, dtype=torch.uint8) if max_mode else None
         library.ferret_pair_pool_forward(
-            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(nb), _ptr(weight),
-            _ptr(bias), eps, int(max_mode), num_regions, num_points, num_anchors, k, channels,
+            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(anchor), _ptr(nb),
+            _ptr(weight), _ptr(bias), eps, int(max_mode), num_regions, num_points, num_anchors, k, channels,
             torch.get_num_threads(), _ptr(out), _ptr(arg))
-        ctx.save_for_backward(u, u_index, u_weight, v, v_index, v_weight, nb, weight, arg)
+        ctx.save_for_backward(u, u_index, u_weight, v, v_index, v_weight, anchor, nb, weight, arg)
         ctx.eps, ctx.max_mode, ctx.library, ctx.num_points = eps, max_mode, library, num_points
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        u, u_index, u_weight, v, v_index, v_weight, nb, weight, arg = ctx.saved_tensors
+        u, u_index, u_weight, v, v_index, v_weight, anchor, nb, weight, arg = ctx.saved_tensors
         num_regions, num_anchors, k = nb.shape
         channels = weight.shape[0]
         need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
@@ -562,11 +588,11 @@ class _KernelPairPool(torch.autograd.Function):
         dense_v, table_v = (grad_v, None) if v_index is None else (None, grad_v)
         grad_out = grad_out.float().contiguous()  # bound to a name: the kernel reads it after _ptr returns
         ctx.library.ferret_pair_pool_backward(
-            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(nb), _ptr(weight),
-            _ptr(grad_out), _ptr(arg), ctx.eps, int(ctx.max_mode), num_regions,
+            *_source_args(u, u_index, u_weight), *_source_args(v, v_index, v_weight), _ptr(anchor), _ptr(nb),
+            _ptr(weight), _ptr(grad_out), _ptr(arg), ctx.eps, int(ctx.max_mode), num_regions,
             ctx.num_points, num_anchors, k, channels, torch.get_num_threads(), _ptr(dense_u), _ptr(table_u),
             _ptr(dense_v), _ptr(table_v), _ptr(grad_w), _ptr(grad_b))
-        return grad_u, None, None, grad_v, None, None, None, grad_w, grad_b, None, None, None
+        return grad_u, None, None, grad_v, None, None, None, None, grad_w, grad_b, None, None, None
 
 
 def _operand(x: torch.Tensor | Bag) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -584,6 +610,7 @@ def pair_pool(
     eps: float,
     mode: str = "max",
     use_kernel: bool = True,
+    anchor_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled LayerNorm(ReLU(u[neighbour] + v[anchor])) of every anchor, computed in fp32.
 
@@ -596,6 +623,9 @@ def pair_pool(
         weight, bias: [C] LayerNorm affine parameters; eps its epsilon.
         mode: "max" or "mean" over the k neighbours.
         use_kernel: allow the C++ kernel for CPU tensors (False forces the PyTorch path).
+        anchor_index: [R, S] long indices into P, or None. Given, the anchor term is ``v[s] - u[anchor_index[s]]``:
+            the kernel then nets each point's gradient as a neighbour against its gradient as an anchor (in double
+            precision) before it leaves the kernel, instead of leaving two large opposite sums to the caller.
 
     Returns:
         [R, S, C] float32. Differentiable in u (or its table), v (or its table), weight and bias.
@@ -617,9 +647,15 @@ def pair_pool(
     library = _kernel() if use_kernel and device.type == "cpu" else None
     nb = neighbor_index.long().contiguous()
     w, b = weight.float().contiguous(), bias.float().contiguous()
+    anchor = None if anchor_index is None else anchor_index.long().contiguous()
+    if anchor is not None and tuple(anchor.shape) != (num_regions, num_anchors):
+        raise ValueError(f"anchor_index must be [R, S] = {(num_regions, num_anchors)}, got {tuple(anchor.shape)}")
     if library is None:
         dense_u = u.materialise() if isinstance(u, Bag) else u
         dense_v = v.materialise() if isinstance(v, Bag) else v
+        if anchor is not None:
+            rows = (anchor + torch.arange(num_regions, device=device)[:, None] * dense_u.shape[1]).reshape(-1)
+            dense_v = dense_v - dense_u.reshape(-1, dense_u.shape[-1]).index_select(0, rows).view_as(dense_v)
         return _TorchPairPool.apply(dense_u.float().contiguous(), dense_v.float().contiguous(), nb, w, b,
                                     float(eps), mode == "max")
-    return _KernelPairPool.apply(*_operand(u), *_operand(v), nb, w, b, float(eps), mode == "max", library)
+    return _KernelPairPool.apply(*_operand(u), *_operand(v), anchor, nb, w, b, float(eps), mode == "max", library)
