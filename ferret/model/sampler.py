@@ -22,16 +22,21 @@ stage's points. The last stage's S features are flattened and projected to the L
 **Why the fast path is exact.** Everything before the ReLU is affine, so with ``WD, bD`` diff_proj's weight and
 bias and ``Wd, Wa`` the convolution's columns for the diff half and the anchor half:
 
-    h = (Wd WD) p_nb + [(Wa - Wd WD) p_anc + Wd bD + b]  =  u[nb] + v[anc]
+    h = (Wd WD) (p_nb - p_anc) + [Wa p_anc + Wd bD + b]  =  u[nb] - u[anc] + a[anc]
 
-A pair costs one addition instead of two matrix products. In stage 0 the features are themselves bilinear
-interpolations of patch features, and interpolation is linear too: ``u`` and ``v`` are interpolated from the
+A pair costs two additions instead of two matrix products. In stage 0 the features are themselves bilinear
+interpolations of patch features, and interpolation is linear too: ``u`` and ``a`` are interpolated from the
 projected *patches* (each touched patch of an image is projected once, however many regions and points read it),
-plus the coordinate columns. The products ``Wd WD`` are formed when enough rows share them (always in inference,
-where they are cached until the weights change). The per-pair ReLU, LayerNorm and pooling run fused
-(``ferret.model.kernels.pair_pool``): no [R, S, k, C] tensor is kept for the backward pass.
-``tests/sampler_reference.py`` implements the original step by step, and the tests check the two agree to 1e-5 in
-fp32, forward and backward. ``scripts/bench/bench_sampler.py`` measures the speed-up.
+plus the coordinate columns. The product ``Wd WD`` is formed when enough rows share it (always in inference, where
+the folded weights are cached until the parameters change). The per-pair subtraction, ReLU, LayerNorm and pooling
+run fused (``ferret.model.kernels.pair_pool``): no [R, S, k, C] tensor is kept for the backward pass.
+
+Precision: ``u`` enters only through differences, so its gradient is a small difference of what a point receives as
+a neighbour and as an anchor. The kernel nets the two per point in double precision, and stage 1 computes ``u`` from
+points centred per region, so the gradients stay as accurate as the pair-by-pair original's (within 1e-5 of a
+float64 run at the released sizes). ``tests/sampler_reference.py`` implements the original step by step, and the
+tests check the two agree to 1e-5 in fp32, forward and backward. ``scripts/bench/bench_sampler.py`` measures the
+speed-up.
 
 **Neighbour ties.** On pixel grids many points are exactly equidistant from an anchor, so which of them make the
 k-th cut is decided by rounding. With ``transposed=True`` (the original's convention, used by checkpoints that do
