@@ -157,7 +157,8 @@ class ReferenceGeoRegionSampler(nn.Module):
             grouped_points = index_points(all_points, idx)
             grouped_fea = index_points(all_fea, idx)
             if order is not None and stage == 0:
-                groups.append((index_points(order[..., None], fps_idx)[..., 0], index_points(order[..., None], idx)[..., 0]))
+                original = order[..., None]  # position in the caller's order of each sorted point
+                groups.append((index_points(original, fps_idx)[..., 0], index_points(original, idx)[..., 0]))
             else:
                 groups.append((fps_idx, idx))
 

@@ -244,7 +244,8 @@ def test_exact_distances_cut_ties_differently_so_compat_mode_needs_the_original_
     kth = lambda idx: exact_dist.gather(2, idx).max(-1).values  # noqa: E731
     torch.testing.assert_close(kth(original)[differs], kth(exact)[differs], rtol=0, atol=1e-6)
     # and the reference's formula is the original's: it agrees with the module's "original" distances
-    assert torch.equal(knn_point(24, points, anchors, "original"), torch.topk(square_distance(anchors, points), 24, -1, largest=False, sorted=False)[1])
+    by_formula = torch.topk(square_distance(anchors, points), 24, -1, largest=False, sorted=False).indices
+    assert torch.equal(knn_point(24, points, anchors, "original"), by_formula)
 
 
 def test_random_mode_equals_the_original_with_the_same_start_points():

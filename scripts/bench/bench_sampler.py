@@ -290,7 +290,8 @@ def memory_table(args) -> None:
             continue
         probe = json.loads(result.stdout.strip().splitlines()[-1])
         mib = probe["peak_bytes"] / 2**20
-        print(f"| {name} | {batch[0]} images x {batch[1]} regions | {mib:,.0f} MiB | {mib / probe['regions']:.1f} MiB |")
+        per = mib / probe["regions"]
+        print(f"| {name} | {batch[0]} images x {batch[1]} regions | {mib:,.0f} MiB | {per:.1f} MiB |")
 
 
 def main(argv=None) -> int:

@@ -292,7 +292,8 @@ extern "C" {
 int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const int64_t* u_index,
                              const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
                              const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
-                             int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* b, float eps, int max_mode,
+                             int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* b,
+                             float eps, int max_mode,
                              int64_t R, int64_t P, int64_t S, int64_t K, int64_t C, int threads, float* out,
                              uint8_t* arg) {
   const Dims d{R, P, S, K, C};
@@ -309,7 +310,8 @@ int ferret_pair_pool_forward(const float* u_dense, const float* u_table, const i
 int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const int64_t* u_index,
                               const float* u_weight, int64_t mu, int64_t Tu, const float* v_dense,
                               const float* v_table, const int64_t* v_index, const float* v_weight, int64_t mv,
-                              int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* g, const uint8_t* arg,
+                              int64_t Tv, const int64_t* anchor, const int64_t* nb, const float* w, const float* g,
+                              const uint8_t* arg,
                               float eps, int max_mode, int64_t R, int64_t P, int64_t S, int64_t K, int64_t C,
                               int threads, float* gu_dense, float* gu_table, float* gv_dense, float* gv_table,
                               float* gw, float* gb) {
