@@ -32,7 +32,7 @@ the folded weights are cached until the parameters change). The per-pair subtrac
 run fused (``ferret.model.kernels.pair_pool``): no [R, S, k, C] tensor is kept for the backward pass.
 
 Precision: ``u`` enters only through differences, so its gradient is a small difference of what a point receives as
-a neighbour and as an anchor. The kernel nets the two per point in double precision, and stage 1 computes ``u`` from
+a neighbour and as an anchor. The kernel nets the two per point as they arrive, and stage 1 computes ``u`` from
 points centred per region, so the gradients stay as accurate as the pair-by-pair original's (within 1e-5 of a
 float64 run at the released sizes). ``tests/sampler_reference.py`` implements the original step by step, and the
 tests check the two agree to 1e-5 in fp32, forward and backward. ``scripts/bench/bench_sampler.py`` measures the

@@ -62,6 +62,13 @@ namespace {
 
 inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
+// Accumulators of the backward pass: per-point and per-anchor gradients (grad_t) and table gradients (table_t).
+// A point's gradient is netted in its accumulator as it arrives (+dh as a neighbour, -dh as an anchor), which keeps
+// it accurate in float (and double here would halve the vector width of the hottest loop). A table row sums the
+// netted gradients of many points of several regions, in double (measured: no cost).
+typedef float grad_t;
+typedef double table_t;
+
 // One [R, n, C] operand: dense rows, or each row a weighted sum of m rows of a table (a bilinear read).
 struct Source {
   const float* dense;    // [R, n, C], or null
@@ -93,20 +100,20 @@ const float* region_rows(const Source& s, int64_t r, int64_t C, float* __restric
 // Adds region r's row gradients g [n, C] to the source's gradient: the dense rows, or the table rows they read.
 // Table gradients are accumulated in double: a table row receives the gradients of many points and anchors, with
 // both signs when u and v read the same table, and their sum is much smaller than its terms.
-void scatter_rows(const Source& s, int64_t r, int64_t C, const double* __restrict g, float* grad_dense,
-                  double* grad_table) {
+void scatter_rows(const Source& s, int64_t r, int64_t C, const grad_t* __restrict g, float* grad_dense,
+                  table_t* grad_table) {
   if (s.dense) {
     float* __restrict out = grad_dense + r * s.n * C;
     for (int64_t i = 0; i < s.n * C; ++i) out[i] = static_cast<float>(g[i]);
     return;
   }
   for (int64_t i = 0; i < s.n; ++i) {
-    const double* __restrict gi = g + i * C;
+    const grad_t* __restrict gi = g + i * C;
     for (int64_t t = 0; t < s.m; ++t) {
       const float wt = s.weight[(r * s.n + i) * s.m + t];
       if (wt == 0.f) continue;
-      double* __restrict row = grad_table + s.index[(r * s.n + i) * s.m + t] * C;
-      const double wd = wt;
+      table_t* __restrict row = grad_table + s.index[(r * s.n + i) * s.m + t] * C;
+      const table_t wd = wt;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) row[c] += wd * gi[c];
     }
@@ -196,9 +203,9 @@ void forward_regions(const Source& us, const Source& vs, const int64_t* anchor, 
 
 struct Grads {
   float* u_dense;
-  double* u_table;  // this thread's partial table gradient
+  table_t* u_table;  // this thread's partial table gradient
   float* v_dense;
-  double* v_table;
+  table_t* v_table;
   float* w;  // this thread's partials, [C]
   float* b;
 };
@@ -209,9 +216,9 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
                       bool need_u, bool need_v, Grads out) {
   std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
   std::vector<float> abuf(anchor ? d.S * d.C : 0), hbuf(d.C), xbuf(d.C), dbuf(d.C);
-  // Per-point and per-anchor gradients in double: with anchor indices a point collects +dh as a neighbour and
-  // -dh as an anchor, and the small difference is what matters.
-  std::vector<double> gu_buf(d.P * d.C), gv_buf(d.S * d.C);
+  // Per-point and per-anchor gradients: with anchor indices a point collects +dh as a neighbour and -dh as an
+  // anchor, and the small difference is what matters.
+  std::vector<grad_t> gu_buf(d.P * d.C), gv_buf(d.S * d.C);
   float* __restrict h = hbuf.data();
   float* __restrict xh = xbuf.data();
   float* __restrict dx = dbuf.data();
@@ -227,7 +234,7 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
       const int64_t row = r * d.S + s;
       const float* __restrict gr = g + row * d.C;
       const uint8_t* __restrict a = max_mode ? arg + row * d.C : nullptr;
-      double* __restrict gv = gv_buf.data() + s * d.C;
+      grad_t* __restrict gv = gv_buf.data() + s * d.C;
       std::fill(gv, gv + d.C, 0.0);
       for (int64_t j = 0; j < d.K; ++j) {
         const int64_t idx = nb[row * d.K + j];
@@ -246,7 +253,7 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
           s2 += dx[c] * x;
         }
         const float m1 = s1 * inv_c, m2 = s2 * inv_c;
-        double* __restrict gu = gu_buf.data() + idx * d.C;
+        grad_t* __restrict gu = gu_buf.data() + idx * d.C;
 #pragma omp simd
         for (int64_t c = 0; c < d.C; ++c) {
           const float dh = h[c] > 0.f ? rstd * (dx[c] - m1 - xh[c] * m2) : 0.f;
@@ -255,7 +262,7 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
         }
       }
       if (anchor) {
-        double* __restrict ga = gu_buf.data() + anchor[row] * d.C;
+        grad_t* __restrict ga = gu_buf.data() + anchor[row] * d.C;
 #pragma omp simd
         for (int64_t c = 0; c < d.C; ++c) ga[c] -= gv[c];
       }
@@ -323,7 +330,7 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
   const bool need_u = gu_dense || gu_table, need_v = gv_dense || gv_table || (shared && gu_table);
   const int64_t n = thread_count(threads, R);
   std::vector<float> part_w(n * C, 0.f), part_b(n * C, 0.f);
-  std::vector<double> part_u(gu_table ? n * Tu * C : 0, 0.0), part_v(gv_table && !shared ? n * Tv * C : 0, 0.0);
+  std::vector<table_t> part_u(gu_table ? n * Tu * C : 0, 0.0), part_v(gv_table && !shared ? n * Tv * C : 0, 0.0);
   split_regions(n, R, [&](int64_t t, int64_t r0, int64_t r1) {
     Grads out{gu_dense, nullptr, gv_dense, nullptr, part_w.data() + t * C, part_b.data() + t * C};
     if (gu_table) out.u_table = part_u.data() + t * Tu * C;
@@ -331,9 +338,9 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
     else if (gv_table) out.v_table = part_v.data() + t * Tv * C;
     backward_regions(us, vs, anchor, nb, w, g, arg, eps, max_mode != 0, d, r0, r1, need_u, need_v, out);
   });
-  auto reduce = [n](const std::vector<double>& parts, int64_t size, float* target) {
+  auto reduce = [n](const std::vector<table_t>& parts, int64_t size, float* target) {
     for (int64_t i = 0; i < size; ++i) {
-      double sum = 0.0;
+      table_t sum = 0.0;
       for (int64_t t = 0; t < n; ++t) sum += parts[t * size + i];
       target[i] = static_cast<float>(sum);
     }
@@ -626,8 +633,8 @@ def pair_pool(
         mode: "max" or "mean" over the k neighbours.
         use_kernel: allow the C++ kernel for CPU tensors (False forces the PyTorch path).
         anchor_index: [R, S] long indices into P, or None. Given, the anchor term is ``v[s] - u[anchor_index[s]]``:
-            the kernel then nets each point's gradient as a neighbour against its gradient as an anchor (in double
-            precision) before it leaves the kernel, instead of leaving two large opposite sums to the caller.
+            the kernel then nets each point's gradient as a neighbour against its gradient as an anchor before it
+            leaves the kernel, instead of leaving two large opposite sums to the caller.
 
     Returns:
         [R, S, C] float32. Differentiable in u (or its table), v (or its table), weight and bias.
