@@ -131,19 +131,31 @@ def grads_of(module, feature_map, run, weights):
     feature_map = feature_map.clone().requires_grad_()
     module.zero_grad(set_to_none=True)
     out = run(module, feature_map)
-    (out * weights).sum().backward()
+    (out * weights.to(out.dtype)).sum().backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters()}
     grads["feature_map"] = feature_map.grad
     return out.detach(), grads
 
 
 def assert_grads_close(ours, ref):
-    """Gradients agree to 1e-5 of each tensor's largest entry (fp32 sums of thousands of pair terms)."""
+    """Gradients agree to 1e-5 of each tensor's largest entry.
+
+    ``ref`` comes from the reference run in float64 after its fp32 feature read: the original algorithm without
+    rounding. The fp32 reference itself is further from it than that for some gradients (its LayerNorm-parameter
+    gradients are sequential fp32 sums over thousands of pairs: up to 3e-5 of the largest entry, measured).
+    """
     assert ours.keys() == ref.keys()
     for name in ref:
         scale = max(1.0, ref[name].abs().max().item())
-        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=0, atol=1e-5 * scale, msg=name)
         assert ref[name].abs().max() > 0, name
+
+
+def reference_grads(sampler, feature_map, run, weights):
+    """(fp32 output, float64 gradients) of the reference with ``sampler``'s weights."""
+    out, _ = grads_of(ReferenceGeoRegionSampler.like(sampler), feature_map, run, weights)
+    _, grads = grads_of(ReferenceGeoRegionSampler.like(sampler).double(), feature_map.double(), run, weights)
+    return out, grads
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,7 +216,6 @@ def test_compat_mode_equals_the_original_forward_and_backward(case, use_kernel):
     torch.manual_seed(0)
     sampler = SpatialAwareVisualSampler(**RELEASE_HIERARCHY, transposed=True).train()
     sampler.use_kernel = use_kernel
-    reference = ReferenceGeoRegionSampler.like(sampler)
     feature_map, points, image_index, masks = parity_inputs(case)
     ref_points = points
     if case == "exactly_512":  # no sub-sampling: the reference lists the pixels the original's way
@@ -213,7 +224,7 @@ def test_compat_mode_equals_the_original_forward_and_backward(case, use_kernel):
     weights = torch.randn(len(masks), 40, generator=torch.Generator().manual_seed(1))
 
     out, ours = grads_of(sampler, feature_map, lambda m, f: m(f, points, image_index, deterministic=True), weights)
-    ref_out, ref = grads_of(reference, feature_map, lambda m, f: m(f, ref_points, image_index), weights)
+    ref_out, ref = reference_grads(sampler, feature_map, lambda m, f: m(f, ref_points, image_index), weights)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
     assert ref_out.abs().max() > 0.1
     assert_grads_close(ours, ref)
@@ -266,12 +277,11 @@ def test_random_mode_equals_the_original_with_the_same_start_points():
 def test_xy_mode_equals_the_reference_read_at_the_region_with_exact_distances(pooler_mode):
     torch.manual_seed(0)
     sampler = SpatialAwareVisualSampler(**RELEASE_HIERARCHY, pooler_mode=pooler_mode, transposed=False).train()
-    reference = ReferenceGeoRegionSampler.like(sampler)
     feature_map, points, image_index, masks = parity_inputs("borders")
     weights = torch.randn(len(masks), 40, generator=torch.Generator().manual_seed(1))
     out, ours = grads_of(sampler, feature_map, lambda m, f: m(f, points, image_index, deterministic=True), weights)
-    ref_out, ref = grads_of(reference, feature_map,
-                            lambda m, f: m(f, points, image_index, transposed=False, knn="exact"), weights)
+    ref_out, ref = reference_grads(sampler, feature_map,
+                                   lambda m, f: m(f, points, image_index, transposed=False, knn="exact"), weights)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
     assert_grads_close(ours, ref)
 

@@ -206,8 +206,8 @@ struct Grads {
   table_t* u_table;  // this thread's partial table gradient
   float* v_dense;
   table_t* v_table;
-  float* w;  // this thread's partials, [C]
-  float* b;
+  double* w;  // this thread's partials, [C]: sums over thousands of pairs, so in double
+  double* b;
 };
 
 void backward_regions(const Source& us, const Source& vs, const int64_t* anchor, const int64_t* nb,
@@ -215,15 +215,17 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
                       const float* g, const uint8_t* arg, float eps, bool max_mode, Dims d, int64_t r0, int64_t r1,
                       bool need_u, bool need_v, Grads out) {
   std::vector<float> ubuf(us.dense ? 0 : d.P * d.C), vbuf(vs.dense ? 0 : d.S * d.C);
-  std::vector<float> abuf(anchor ? d.S * d.C : 0), hbuf(d.C), xbuf(d.C), dbuf(d.C);
+  std::vector<float> abuf(anchor ? d.S * d.C : 0), hbuf(d.C), xbuf(d.C), dbuf(d.C), awbuf(d.C), abbuf(d.C);
   // Per-point and per-anchor gradients: with anchor indices a point collects +dh as a neighbour and -dh as an
   // anchor, and the small difference is what matters.
   std::vector<grad_t> gu_buf(d.P * d.C), gv_buf(d.S * d.C);
   float* __restrict h = hbuf.data();
   float* __restrict xh = xbuf.data();
   float* __restrict dx = dbuf.data();
-  float* __restrict gw = out.w;
-  float* __restrict gb = out.b;
+  double* __restrict gw = out.w;
+  double* __restrict gb = out.b;
+  float* __restrict aw = awbuf.data();  // one anchor's LayerNorm-parameter gradients, added to gw / gb after it
+  float* __restrict ab = abbuf.data();
   const float inv_k = 1.f / static_cast<float>(d.K);
   const float inv_c = 1.f / static_cast<float>(d.C);
   for (int64_t r = r0; r < r1; ++r) {
@@ -236,6 +238,8 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
       const uint8_t* __restrict a = max_mode ? arg + row * d.C : nullptr;
       grad_t* __restrict gv = gv_buf.data() + s * d.C;
       std::fill(gv, gv + d.C, 0.0);
+      std::fill(aw, aw + d.C, 0.f);
+      std::fill(ab, ab + d.C, 0.f);
       for (int64_t j = 0; j < d.K; ++j) {
         const int64_t idx = nb[row * d.K + j];
         float mean, rstd;
@@ -245,8 +249,8 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
         for (int64_t c = 0; c < d.C; ++c) {
           const float x = (relu(h[c]) - mean) * rstd;
           const float dy = max_mode ? (a[c] == j ? gr[c] : 0.f) : gr[c] * inv_k;
-          gw[c] += dy * x;
-          gb[c] += dy;
+          aw[c] += dy * x;
+          ab[c] += dy;
           xh[c] = x;
           dx[c] = dy * w[c];
           s1 += dx[c];
@@ -260,6 +264,10 @@ void backward_regions(const Source& us, const Source& vs, const int64_t* anchor,
           gu[c] += dh;
           gv[c] += dh;
         }
+      }
+      for (int64_t c = 0; c < d.C; ++c) {
+        gw[c] += aw[c];
+        gb[c] += ab[c];
       }
       if (anchor) {
         grad_t* __restrict ga = gu_buf.data() + anchor[row] * d.C;
@@ -329,7 +337,7 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
   const bool shared = u_table != nullptr && u_table == v_table;
   const bool need_u = gu_dense || gu_table, need_v = gv_dense || gv_table || (shared && gu_table);
   const int64_t n = thread_count(threads, R);
-  std::vector<float> part_w(n * C, 0.f), part_b(n * C, 0.f);
+  std::vector<double> part_w(n * C, 0.0), part_b(n * C, 0.0);
   std::vector<table_t> part_u(gu_table ? n * Tu * C : 0, 0.0), part_v(gv_table && !shared ? n * Tv * C : 0, 0.0);
   split_regions(n, R, [&](int64_t t, int64_t r0, int64_t r1) {
     Grads out{gu_dense, nullptr, gv_dense, nullptr, part_w.data() + t * C, part_b.data() + t * C};
@@ -348,13 +356,13 @@ int ferret_pair_pool_backward(const float* u_dense, const float* u_table, const 
   if (gu_table) reduce(part_u, Tu * C, gu_table);
   if (gv_table && !shared) reduce(part_v, Tv * C, gv_table);
   for (int64_t c = 0; c < C; ++c) {
-    float sw = 0.f, sb = 0.f;
+    double sw = 0.0, sb = 0.0;
     for (int64_t t = 0; t < n; ++t) {
       sw += part_w[t * C + c];
       sb += part_b[t * C + c];
     }
-    gw[c] = sw;
-    gb[c] = sb;
+    gw[c] = static_cast<float>(sw);
+    gb[c] = static_cast<float>(sb);
   }
   return 0;
 }
@@ -465,7 +473,15 @@ def _pairs(u_flat: torch.Tensor, v: torch.Tensor, flat_nb: torch.Tensor) -> torc
     return u_flat.index_select(0, flat_nb).view(r, s, -1, c).add_(v[:, :, None, :])
 
 
-def _torch_forward(u, v, nb, weight, bias, eps, max_mode):
+def _anchor_terms(u_flat, v, anchor, part, num_points):
+    """v[part], minus u at the chunk's anchors when anchor indices are given: [r, S, C]."""
+    if anchor is None:
+        return v[part]
+    rows = anchor[part] + torch.arange(anchor.shape[0], device=anchor.device)[part, None] * num_points
+    return v[part] - u_flat.index_select(0, rows.reshape(-1)).view_as(v[part])
+
+
+def _torch_forward(u, v, anchor, nb, weight, bias, eps, max_mode):
     num_regions, num_points, channels = u.shape
     _, num_anchors, k = nb.shape
     u_flat = u.reshape(-1, channels)
@@ -475,7 +491,7 @@ def _torch_forward(u, v, nb, weight, bias, eps, max_mode):
     step = _chunk_regions(u, num_anchors, k)
     for start in range(0, num_regions, step):
         part = slice(start, start + step)
-        hidden = _pairs(u_flat, v[part], flat_nb[part].reshape(-1)).relu_()
+        hidden = _pairs(u_flat, _anchor_terms(u_flat, v, anchor, part, num_points), flat_nb[part].reshape(-1)).relu_()
         hidden = F.layer_norm(hidden, (channels,), weight, bias, eps)
         if max_mode:
             best = hidden.max(dim=2)  # first maximal index on ties
@@ -485,12 +501,12 @@ def _torch_forward(u, v, nb, weight, bias, eps, max_mode):
     return out, arg
 
 
-def _torch_backward(u, v, nb, weight, grad_out, arg, eps, max_mode, need_u, need_v):
+def _torch_backward(u, v, anchor, nb, weight, grad_out, arg, eps, max_mode, need_u, need_v):
     num_regions, num_points, channels = u.shape
     _, num_anchors, k = nb.shape
     u_flat = u.reshape(-1, channels)
     flat_nb = (nb + torch.arange(num_regions, device=nb.device)[:, None, None] * num_points).reshape(num_regions, -1)
-    grad_u = torch.zeros_like(u_flat) if need_u else None
+    grad_u = torch.empty_like(u_flat) if need_u else None
     grad_v = torch.empty_like(v) if need_v else None
     grad_w = torch.zeros(channels, dtype=torch.float32, device=u.device)
     grad_b = grad_out.sum(dim=(0, 1))
@@ -498,7 +514,7 @@ def _torch_backward(u, v, nb, weight, grad_out, arg, eps, max_mode, need_u, need
     for start in range(0, num_regions, step):
         part = slice(start, start + step)
         index = flat_nb[part].reshape(-1)
-        hidden = _pairs(u_flat, v[part], index)
+        hidden = _pairs(u_flat, _anchor_terms(u_flat, v, anchor, part, num_points), index)
         z = hidden.clamp(min=0)
         var, mean = torch.var_mean(z, dim=-1, correction=0, keepdim=True)
         xhat = (z - mean).mul_(torch.rsqrt(var + eps))
@@ -511,10 +527,18 @@ def _torch_backward(u, v, nb, weight, grad_out, arg, eps, max_mode, need_u, need
         dx = dy * weight
         dz = dx - dx.mean(-1, keepdim=True) - xhat * (dx * xhat).mean(-1, keepdim=True)
         dh = dz.mul_(torch.rsqrt(var + eps)).mul_(hidden > 0)
+        grad_anchor = dh.sum(dim=2)
         if need_v:
-            grad_v[part] = dh.sum(dim=2)
+            grad_v[part] = grad_anchor
         if need_u:
-            grad_u.index_add_(0, index, dh.reshape(-1, channels))
+            # This chunk's points, netted in double: +dh as a neighbour, -dh as an anchor (see the C++ kernel).
+            first = start * num_points
+            local = torch.zeros(grad_anchor.shape[0] * num_points, channels, dtype=torch.float64, device=u.device)
+            local.index_add_(0, index - first, dh.reshape(-1, channels).double())
+            if anchor is not None:
+                rows = anchor[part] + torch.arange(grad_anchor.shape[0], device=u.device)[:, None] * num_points
+                local.index_add_(0, rows.reshape(-1), -grad_anchor.reshape(-1, channels).double())
+            grad_u[first : first + local.shape[0]] = local
     return (grad_u.view_as(u) if need_u else None), grad_v, grad_w, grad_b
 
 
@@ -536,27 +560,28 @@ class Bag(NamedTuple):
     def materialise(self) -> torch.Tensor:
         """-> [R, n, C], differentiable in the table."""
         num_regions, rows, terms = self.index.shape
-        out = F.embedding_bag(self.index.reshape(-1, terms), self.table.float(),
-                              per_sample_weights=self.weight.reshape(-1, terms).float(), mode="sum")
-        return out.view(num_regions, rows, -1)
+        # In double: a table row's gradient sums many points' gradients of both signs (see the C++ kernel).
+        out = F.embedding_bag(self.index.reshape(-1, terms), self.table.double(),
+                              per_sample_weights=self.weight.reshape(-1, terms).double(), mode="sum")
+        return out.float().view(num_regions, rows, -1)
 
 
 class _TorchPairPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, v, nb, weight, bias, eps, max_mode):
-        out, arg = _torch_forward(u, v, nb, weight, bias, eps, max_mode)
-        ctx.save_for_backward(u, v, nb, weight, arg)
+    def forward(ctx, u, v, anchor, nb, weight, bias, eps, max_mode):
+        out, arg = _torch_forward(u, v, anchor, nb, weight, bias, eps, max_mode)
+        ctx.save_for_backward(u, v, anchor, nb, weight, arg)
         ctx.eps, ctx.max_mode = eps, max_mode
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        u, v, nb, weight, arg = ctx.saved_tensors
+        u, v, anchor, nb, weight, arg = ctx.saved_tensors
         grad_u, grad_v, grad_w, grad_b = _torch_backward(
-            u, v, nb, weight, grad_out.float().contiguous(), arg, ctx.eps, ctx.max_mode,
+            u, v, anchor, nb, weight, grad_out.float().contiguous(), arg, ctx.eps, ctx.max_mode,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_u, grad_v, None, grad_w, grad_b, None, None
+        return grad_u, grad_v, None, None, grad_w, grad_b, None, None
 
 
 def _source_args(data: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None) -> list:
@@ -662,9 +687,6 @@ def pair_pool(
     if library is None:
         dense_u = u.materialise() if isinstance(u, Bag) else u
         dense_v = v.materialise() if isinstance(v, Bag) else v
-        if anchor is not None:
-            rows = (anchor + torch.arange(num_regions, device=device)[:, None] * dense_u.shape[1]).reshape(-1)
-            dense_v = dense_v - dense_u.reshape(-1, dense_u.shape[-1]).index_select(0, rows).view_as(dense_v)
-        return _TorchPairPool.apply(dense_u.float().contiguous(), dense_v.float().contiguous(), nb, w, b,
+        return _TorchPairPool.apply(dense_u.float().contiguous(), dense_v.float().contiguous(), anchor, nb, w, b,
                                     float(eps), mode == "max")
     return _KernelPairPool.apply(*_operand(u), *_operand(v), anchor, nb, w, b, float(eps), mode == "max", library)
