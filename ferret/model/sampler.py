@@ -33,12 +33,12 @@ run fused (``ferret.model.kernels.pair_pool``): no [R, S, k, C] tensor is kept f
 
 Precision: ``u`` enters only through differences, so its gradient is a small difference of what a point receives as
 a neighbour and as an anchor. The kernel nets the two per point as they arrive, and stage 1 computes ``u`` from
-points centred per region, so on features without a large common component the gradients stay as accurate as the
-pair-by-pair original's (within 1e-5 of a float64 run at the released sizes). Known limit: when every patch shares
-a large component (measured with a 4-sigma offset added to all patches), stage 0's gradients drift to ~3e-4 of a
-float64 run, against ~1e-5 for the fp32 original; the forward pass is unaffected (2.5e-6). ``tests/sampler_reference.py`` implements the original step by step, and the
-tests check the two agree to 1e-5 in fp32, forward and backward. ``scripts/bench/bench_sampler.py`` measures the
-speed-up.
+points centred per region, so on features without a large common component the gradients stay within 1e-5 of a
+float64 run at the released sizes (closer than the fp32 original's). Known limit: when every patch shares a large
+component (measured with a 4-sigma offset added to all patches), stage 0's projection and feature-map gradients
+drift to ~3e-4 of a float64 run, against ~1e-5 for the fp32 original; the forward pass is unaffected (2.5e-6).
+``tests/sampler_reference.py`` implements the original step by step, and the tests check the two agree to 1e-5,
+forward and backward. ``scripts/bench/bench_sampler.py`` measures the speed-up.
 
 **Neighbour ties.** On pixel grids many points are exactly equidistant from an anchor, so which of them make the
 k-th cut is decided by rounding. With ``transposed=True`` (the original's convention, used by checkpoints that do
