@@ -889,13 +889,15 @@ class GritDataset(torch.utils.data.Dataset):
     def encode(self, example: Example) -> dict[str, Any]:
         """``FerretProcessor.encode`` of an example; RecordError ``encode_failed`` when the processor rejects it."""
         try:
-            return self.processor.encode(
+            encoded = self.processor.encode(
                 example.turns, example.image, regions=example.regions, within=example.within,
                 image_size=None if example.image is not None else (_declared_size(example.record) or (1, 1)),
                 region_feature=self.options.add_region_feature, no_coor=self.options.no_coor, where=example.where,
             )
         except (ValueError, TypeError) as err:
             raise RecordError("encode_failed", str(err)) from err
+        encoded.pop("turn_texts")  # the batch holds tensors only
+        return encoded
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self)

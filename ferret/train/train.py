@@ -97,7 +97,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
     """INFO on the main process, warnings elsewhere (HF's --log_level / --log_level_replica)."""
     level = training_args.get_process_log_level()
     transformers.utils.logging.set_verbosity(level)
-    logging.getLogger("ferret").setLevel(level)
+    # never quieter than WARNING: skipped records and torn checkpoints must always be reported
+    logging.getLogger("ferret").setLevel(min(level, logging.WARNING))
 
 
 @contextlib.contextmanager
