@@ -516,9 +516,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for a Ferret model.")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model-path")
-    parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's config.json "
-                        "'model_name', else the folder's name, or its parent's for checkpoint/checkpoint-N/"
-                        "final-checkpoint folders)")
+    parser.add_argument("--model-name", default=None,
+                        help="the model id clients use (default: the checkpoint's config.json 'model_name', else the "
+                             "folder's name, or its parent's for checkpoint/checkpoint-N/final-checkpoint folders)")
     parser.add_argument("--allowed-image-dir", default=None,
                         help="folder from which image file paths may be read (default: only data: URLs)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless asked otherwise)")

@@ -9,7 +9,8 @@ The model worker, the OpenAI-compatible API and the CLI share this module:
   ``ready`` step (the prompt is valid, ``prompt_tokens`` known), one step per generated token with the decoded
   output so far (decoded incrementally by ``TextDeltaStreamer``), and one final step (``finished``) carrying the
   finish reason or the error. The thread owns the slot and releases it *before* the final step is reported, so a
-  client that has read the last message sees the slot free. ``cancel()`` (client gone) stops generation at the next token.
+  client that has read the last message sees the slot free. ``cancel()`` (client gone) stops generation at the next
+  token.
 * The decoding settings are ``ferret.decoding.DecodingSettings`` (``SamplingParams`` here: the same type with the
   original web UI's defaults): temperature <= 1e-4 is greedy, otherwise plain multinomial sampling from
   softmax(logits / T) with nucleus ``top_p`` (which the original read but ignored, REFERENCE §8 item 36) and no

@@ -407,7 +407,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model-path")
-    parser.add_argument("--model-name", default=None, help="name to serve under (default: the checkpoint's config.json 'model_name', else the "
+    parser.add_argument("--model-name", default=None,
+                        help="name to serve under (default: the checkpoint's config.json 'model_name', else the "
                              "folder's name, or its parent's for checkpoint/checkpoint-N/final-checkpoint folders)")
     parser.add_argument("--multi-modal", action="store_true",
                         help="deprecated: every Ferret checkpoint is multimodal, whatever its name")
