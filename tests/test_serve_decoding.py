@@ -3,9 +3,10 @@ and the typed "prompt too long" error, with a tiny random Ferret on the CPU."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from serve_helpers import make_checkpoint
+from serve_helpers import make_checkpoint, make_image
 
 from ferret.decoding import GREEDY_TEMPERATURE, DecodingSettings
 from ferret.model.builder import load_pretrained_model, model_name_from_checkpoint
@@ -189,7 +190,7 @@ def test_model_name_from_checkpoint(tmp_path):
     assert model_name_from_checkpoint("apple/ferret-7b") == "ferret-7b"  # a hub id
 
 
-def test_prompt_too_long_is_a_typed_error(loaded):
+def test_prompt_too_long_is_a_typed_error(loaded, monkeypatch):
     from ferret.serve.model_worker import ModelWorker, error_status
 
     model, processor = loaded
@@ -201,14 +202,9 @@ def test_prompt_too_long_is_a_typed_error(loaded):
     with pytest.raises(PromptTooLongError) as caught:
         worker.prepare(payload)
     assert error_status(caught.value)[0] == 400
-    # Too many <region_fea> is a refused input (422), not a prompt that is too long.
-    status, message = error_status(_refusal(worker, {**payload, "prompt": "<region_fea> " * 101}))
-    assert status in (400, 422) and "region" in message
-
-
-def _refusal(worker, payload):
-    try:
-        worker.prepare(payload)
-    except Exception as err:  # noqa: BLE001 - the test inspects it
-        return err
-    raise AssertionError("the payload was accepted")
+    # Too many <region_fea> also says "the limit is", but it is a refused input (422), not a prompt too long.
+    monkeypatch.setattr(processor, "max_regions", 2)
+    image = make_image(64, 48)
+    with pytest.raises(ValueError, match="the limit is 2") as caught:
+        processor.encode_prompt("<image>\n" + "<region_fea> " * 3, image, [np.ones((48, 64), bool)] * 3)
+    assert not isinstance(caught.value, PromptTooLongError) and error_status(caught.value)[0] == 422
