@@ -49,6 +49,10 @@ DEFAULT_MAX_MASK_SIDE = 1024
 SPIECE_UNDERLINE = "\u2581"  # SentencePiece's visible space
 
 
+class PromptTooLongError(ValueError):
+    """The prompt (image positions included) is longer than the model's context."""
+
+
 class PromptTokenizer:
     """Token ids of prompt text exactly as the original Ferret stack made them.
 
@@ -580,7 +584,8 @@ class FerretProcessor:
         masks = [torch.from_numpy(np.ascontiguousarray(m)) for m in masks]
         input_ids = self._expand_image(self.prompt_tokenizer.encode_prompt(prompt))
         if len(input_ids) > self.model_max_length:
-            raise ValueError(f"{where}the prompt is {len(input_ids)} tokens; the limit is {self.model_max_length}")
+            raise PromptTooLongError(f"{where}the prompt is {len(input_ids)} tokens; the limit is "
+                                     f"{self.model_max_length}")
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": None,

@@ -11,9 +11,10 @@ Loading
 
 Generation
     ``generate_batches`` batches queries (``--batch-size``), encodes each once with the processor
-    (``encode_query``), pads them on the left and calls ``model.generate(..., max_new_tokens=...)``. Greedy
-    decoding is the default
-    (``--temperature 0``); ``--temperature T > 0`` samples (with ``--top-p``, seeded by ``--seed``). The
+    (``encode_query``), pads them on the left and calls ``model.generate`` with the run's
+    ``ferret.decoding.DecodingSettings`` (the type the servers use). Greedy decoding is the default
+    (``--temperature 0``; any temperature <= 1e-4 is greedy); above that it samples (with ``--top-p``, no top-k,
+    seeded by ``--seed``). The
     original sampled with temperature 0.001 and a random region sampler, so its answers varied from run to
     run; ours are reproducible, and batch size 1 and batch size N give the same answers in fp32.
 
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ferret.decoding import DecodingSettings
 from ferret.eval.common import chunk_file_name, read_jsonl, regions_record
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Answer",
+    "DecodingSettings",
     "GenerationConfig",
     "InferenceReport",
     "Query",
@@ -142,40 +145,14 @@ class Answer:
     regions: Sequence[Any] = ()
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding settings. ``temperature`` 0 means greedy (the default); above 0 it samples."""
+@dataclass(frozen=True)
+class GenerationConfig(DecodingSettings):
+    """``DecodingSettings`` with the benchmarks' defaults (greedy, 1024 new tokens, seed 0); the name this module
+    used before the settings type was shared (not ``transformers.GenerationConfig``: ``to_generation_config()``
+    gives that)."""
 
     max_new_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def generate_kwargs(self, tokenizer) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            num_beams=1,
-            use_cache=True,
-        )
-        if self.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p or 1.0, top_k=None)
-        return kwargs
+    seed: int | None = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,14 +251,16 @@ def _device_for(device: str, shard: Shard) -> str:
 
 
 def load_model(model_path: str, model_base: str | None = None, device: str = "auto", dtype: str | None = None,
-               load_8bit: bool = False, load_4bit: bool = False, shard: Shard | None = None):
-    """(model in eval mode, processor) through the one loading path; under torchrun on ``cuda:LOCAL_RANK``."""
+               load_8bit: bool = False, load_4bit: bool = False, shard: Shard | None = None,
+               conv_template: str | None = None):
+    """(model in eval mode, processor) through the one loading path; under torchrun on ``cuda:LOCAL_RANK``.
+    ``conv_template`` overrides the checkpoint's chat template."""
     from ferret.model.builder import load_pretrained_model
 
     device = _device_for(device, shard or Shard())
     dtype = None if dtype in (None, "auto") else dtype
     model, processor = load_pretrained_model(model_path, model_base, load_8bit=load_8bit, load_4bit=load_4bit,
-                                             device=device, dtype=dtype)
+                                             device=device, dtype=dtype, conv_template=conv_template)
     model.eval()
     return model, processor
 
@@ -324,7 +303,7 @@ def generate_batches(
     processor: FerretProcessor,
     queries: Sequence[Query],
     batch_size: int = 8,
-    generation: GenerationConfig | None = None,
+    generation: DecodingSettings | None = None,
     region_feature: bool = True,
     no_coor: bool = False,
 ) -> Iterator[list[Answer]]:
@@ -340,9 +319,12 @@ def generate_batches(
     if no_coor and not region_feature:
         raise ValueError("no_coor needs region features: without both the question would not locate the region")
     generation = generation or GenerationConfig()
-    if not generation.greedy:
+    if not generation.greedy and generation.seed is not None:
         torch.manual_seed(generation.seed)
-    kwargs = generation.generate_kwargs(processor.tokenizer)
+    tokenizer = processor.tokenizer
+    kwargs = generation.generate_kwargs(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if generation.stop:
+        kwargs["tokenizer"] = tokenizer  # generate finds stop_strings in the tokens through it
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
         images, prompts, features = [], [], []
@@ -398,7 +380,7 @@ def run_inference(
     path: str | os.PathLike,
     key_fields: Sequence[str],
     batch_size: int = 8,
-    generation: GenerationConfig | None = None,
+    generation: DecodingSettings | None = None,
     region_feature: bool = True,
     no_coor: bool = False,
     make_record: Callable[[Answer], dict[str, Any]] = default_record,
@@ -461,7 +443,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, images: bool = True
     parser.add_argument("--batch-size", type=int, default=8, help="queries per generate() call (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="default 1024, as the original")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); > 0 samples (the original sampled at 0.001)")
+                        help="0 = greedy (default; so is any value <= 1e-4); above that it samples (the original "
+                             "sampled at 0.001)")
     parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None, help="nucleus sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling (unused when greedy)")
     parser.add_argument("--num-chunks", type=int, default=1, help="split the queries into this many chunks")
@@ -482,8 +465,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, images: bool = True
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def generation_from_args(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+def generation_from_args(args: argparse.Namespace) -> DecodingSettings:
+    return DecodingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
 
 
@@ -502,14 +485,8 @@ def infer_from_args(
                 len(queries), path)
 
     def load():
-        model, processor = load_model(args.model_path, args.model_base, args.device, args.dtype,
-                                      args.load_8bit, args.load_4bit, shard)
-        if args.conv_mode:
-            from ferret.conversation import get_template
-
-            get_template(args.conv_mode)
-            processor.conv_template = args.conv_mode
-        return model, processor
+        return load_model(args.model_path, args.model_base, args.device, args.dtype, args.load_8bit,
+                          args.load_4bit, shard, conv_template=args.conv_mode)
 
     report = run_inference(None, None, chunk, path, key_fields, batch_size=args.batch_size,
                            generation=generation_from_args(args), region_feature=args.region_feature,

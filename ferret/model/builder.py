@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,8 @@ def load_pretrained_model(
     attn_implementation: str = "sdpa",
     vision_tower: str | None = None,
     region_feature_axes: str | None = None,
+    image_aspect_ratio: str | None = None,
+    conv_template: str | None = None,
 ) -> tuple[FerretLlamaForCausalLM, FerretProcessor]:
     """Loads a Ferret checkpoint and its processor.
 
@@ -109,10 +112,15 @@ def load_pretrained_model(
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"`` (needs flash-attn).
         vision_tower: load CLIP from this folder or hub id instead of the checkpoint's.
         region_feature_axes: override the checkpoint's ``"xy"``/``"transposed"`` setting.
+        image_aspect_ratio: override the checkpoint's image mode: ``"square_nocrop"`` (stretch to the square input,
+            the original's) or ``"pad"`` (centre on a square first).
+        conv_template: override the checkpoint's chat template (a name ``ferret.conversation`` knows).
 
     Returns:
         (model in eval mode on ``device``, FerretProcessor).
     """
+    # Processor settings are checked before any weight is read.
+    processor_overrides = _processor_overrides(image_aspect_ratio, conv_template)
     device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -142,7 +150,7 @@ def load_pretrained_model(
     model.load_vision_tower(checkpoint_dir, source=vision_tower)
     model.eval()
 
-    processor = FerretProcessor.from_pretrained(model_path if checkpoint_dir else model_path)
+    processor = FerretProcessor.from_pretrained(model_path, **processor_overrides)
     region_token = model.config.im_region_fea_token
     if region_token is not None and processor.region_token_id != region_token:
         raise ValueError(
@@ -151,6 +159,56 @@ def load_pretrained_model(
     if model.config.image_size != processor.image_size:
         raise ValueError(f"processor image size {processor.image_size} != model image size {model.config.image_size}")
     return model, processor
+
+
+def _processor_overrides(image_aspect_ratio: str | None, conv_template: str | None) -> dict[str, str]:
+    from ferret.conversation import get_template
+    from ferret.processing import IMAGE_MODES
+
+    overrides = {}
+    if image_aspect_ratio is not None:
+        if image_aspect_ratio not in IMAGE_MODES:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_MODES}, got {image_aspect_ratio!r}")
+        overrides["image_aspect_ratio"] = image_aspect_ratio
+    if conv_template is not None:
+        get_template(conv_template)  # raises, naming the known templates, for an unknown one
+        overrides["conv_template"] = conv_template
+    return overrides
+
+
+# Folder names a training run gives its checkpoints: they say which step, not which model.
+_CHECKPOINT_FOLDER = re.compile(r"^(final[-_])?checkpoint([-_]\d+)?$|^(final|last|best)$", re.IGNORECASE)
+
+
+def model_name_from_checkpoint(model_path: str) -> str:
+    """The name a checkpoint is served under (the worker's, the API's and the web UI's), when none is given.
+
+    1. ``model_name`` in the checkpoint's ``config.json``, when it is a non-empty string (``_name_or_path`` is
+       not used: it names the model the run started from, not the one it made).
+    2. Otherwise the folder's name; a folder a training run names by its step (``checkpoint``,
+       ``checkpoint-1500``, ``final-checkpoint``, ``final``, ``last``, ``best``) is named after the run's folder
+       instead: ``runs/ferret-7b/final-checkpoint`` -> ``ferret-7b``; ``runs/ferret-7b/checkpoint-1500`` ->
+       ``ferret-7b_checkpoint-1500`` (the step stays, in the original's spelling).
+    3. A hub id (``org/name``) is served as ``name``.
+    """
+    import json
+
+    path = os.path.normpath(os.path.expanduser(model_path))
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                name = json.load(f).get("model_name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    folder = os.path.basename(path)
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isdir(path) else ""
+    if _CHECKPOINT_FOLDER.match(folder) and parent:
+        step = re.search(r"\d+$", folder)
+        return f"{parent}_{folder}" if step else parent
+    return folder
 
 
 def _load_lora(model_path: str, model_base: str, config_kwargs: dict, common: dict) -> FerretLlamaForCausalLM:

@@ -127,8 +127,8 @@ def _number(body: Mapping[str, Any], key: str, default: float, low: float, high:
 
 
 def parse_sampling(body: Mapping[str, Any], limits: RequestLimits):
-    """temperature, top_p, max_tokens (or max_completion_tokens) and stop of a chat request -> SamplingParams."""
-    from ferret.serve.inference import SamplingParams
+    """temperature, top_p, max_tokens (or max_completion_tokens) and stop of a chat request -> DecodingSettings."""
+    from ferret.decoding import DecodingSettings
 
     temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2)
     top_p = _number(body, "top_p", DEFAULT_TOP_P, 0, 1, low_open=True)
@@ -161,7 +161,7 @@ def parse_sampling(body: Mapping[str, Any], limits: RequestLimits):
         raise ApiError(400, "logprobs are not supported", "logprobs")
     if body.get("tools"):
         raise ApiError(400, "tools are not supported", "tools")
-    return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, stop=stops)
+    return DecodingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, stop=stops)
 
 
 def load_image_reference(url: Any, allowed_dir: str | None, limits: RequestLimits, where: str) -> Image.Image:
@@ -332,13 +332,152 @@ def _sse(data: Any) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+class ChatRequest:
+    """A chat request that passed the checks made before a slot is taken: its body, decoding settings and
+    streaming flags."""
+
+    def __init__(self, body: dict[str, Any], params: Any, stream: bool, include_usage: bool):
+        self.body = body
+        self.params = params
+        self.stream = stream
+        self.include_usage = include_usage
+        self.info: dict[str, Any] = {}  # filled while preparing: the image size
+
+
+async def read_chat_request(server: ChatServer, request: Any) -> ChatRequest:
+    """Step 1: read and check the body (size, type, JSON, model, decoding settings, stream flags); ApiError if not."""
+    body = await read_json_body(request, server.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != server.model_name:
+        raise ApiError(404, f"model {model!r} not found; this server serves {server.model_name!r}", "model",
+                       code="model_not_found")
+    params = parse_sampling(body, server.limits)
+    stream, include_usage = parse_stream_flags(body)
+    return ChatRequest(body, params, stream, include_usage)
+
+
+def busy_response(server: ChatServer):
+    """Step 2 refused: every slot is taken (429 at once, never queued)."""
+    return ApiError(429, f"the server is busy: {server.limiter.limit} requests are running; retry shortly",
+                    type="server_busy", code="server_busy").response(headers={"Retry-After": "1"})
+
+
+class ChatReply:
+    """Step 4: the OpenAI-shaped answer of one started generation, whole or as server-sent events."""
+
+    def __init__(self, server: ChatServer, chat: ChatRequest, generation: Any, steps: Any, prompt_tokens: int):
+        self.server = server
+        self.chat = chat
+        self.generation = generation
+        self.steps = steps
+        self.prompt_tokens = prompt_tokens
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def usage(self, step: Any) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": step.num_tokens,
+                "total_tokens": self.prompt_tokens + step.num_tokens}
+
+    @staticmethod
+    def finish_reason(step: Any) -> str:
+        return "length" if step.finish_reason == "length" else "stop"
+
+    def grounding(self, step: Any) -> tuple[str, list[dict[str, Any]]]:
+        return self.server.grounding(step.text, self.chat.info.get("image_size"))
+
+    async def last_step(self) -> Any:
+        """The final step (intermediate ones are skipped); cancels the generation if the caller is cancelled."""
+        try:
+            while not (step := await self.steps.get()).finished:
+                pass
+        except BaseException:
+            self.generation.cancel()
+            raise
+        return step
+
+    async def completion(self) -> Any:
+        """The whole answer (``stream`` false)."""
+        step = await self.last_step()
+        if step.error is not None:
+            return ApiError(500, f"generation failed: {step.error}", type="server_error").response()
+        clean, regions = self.grounding(step)
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.server.model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": step.text, "regions": regions, "clean_text": clean},
+                "finish_reason": self.finish_reason(step),
+                "logprobs": None,
+            }],
+            "usage": self.usage(step),
+        }
+
+    def chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.server.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+    async def events(self):
+        """The answer as server-sent events: the role, content deltas (held back while they could still grow into a
+        stop string), then the regions and the finish reason, usage if asked, and ``[DONE]``."""
+        from ferret.serve.inference import stable_prefix
+
+        yield _sse(self.chunk({"role": "assistant", "content": ""}))
+        sent = ""
+        while True:
+            step = await self.steps.get()
+            if step.finished and step.error is not None:
+                yield _sse({"error": {"message": f"generation failed: {step.error}", "type": "server_error",
+                                      "param": None, "code": None}})
+                break
+            text = step.text if step.finished else stable_prefix(step.text, self.chat.params.stop)
+            if text.startswith(sent) and len(text) > len(sent):
+                yield _sse(self.chunk({"content": text[len(sent):]}))
+                sent = text
+            if step.finished:
+                clean, regions = self.grounding(step)
+                yield _sse(self.chunk({"regions": regions, "clean_text": clean}, self.finish_reason(step)))
+                if self.chat.include_usage:
+                    yield _sse({**self.chunk({}), "choices": [], "usage": self.usage(step)})
+                break
+        yield _sse("[DONE]")
+
+    def streaming_response(self):
+        from ferret.serve.http_utils import GuardedStreamingResponse
+
+        return GuardedStreamingResponse(self.events(), self.generation.cancel, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
+
+
+async def chat_completion(server: ChatServer, request: Any):
+    """``POST /v1/chat/completions``: read the request, take a slot, start generating (the prompt is checked in
+    the generation thread), then answer whole or as a stream."""
+    from ferret.serve.inference import start_streaming
+
+    try:
+        chat = await read_chat_request(server, request)
+    except ApiError as err:
+        return err.response()
+    slot = server.limiter.try_acquire()
+    if slot is None:
+        return busy_response(server)
+    generation, steps, first = await start_streaming(server.model, server.processor,
+                                                     lambda: server.prepare(chat.body, chat.info), chat.params, slot)
+    if not first.ready:  # refused while preparing: the slot is already released
+        return api_error_from(first.error or RuntimeError("generation ended early")).response()
+    reply = ChatReply(server, chat, generation, steps, first.prompt_tokens or 0)
+    return reply.streaming_response() if chat.stream else await reply.completion()
+
+
 def create_app(server: ChatServer):
     # No `from __future__ import annotations` in this module: FastAPI reads the handlers' annotations, and
     # `Request` is imported here, not at module level.
     from fastapi import FastAPI, Request
-
-    from ferret.serve.http_utils import GuardedStreamingResponse
-    from ferret.serve.inference import Step, stable_prefix, start_streaming
 
     app = FastAPI(title="Ferret OpenAI-compatible API")
     app.state.server = server
@@ -368,92 +507,7 @@ def create_app(server: ChatServer):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = await read_json_body(request, server.max_body_bytes)
-            if not isinstance(body, dict):
-                raise ApiError(400, "the request body must be a JSON object")
-            model = body.get("model")
-            if model is not None and model != server.model_name:
-                raise ApiError(404, f"model {model!r} not found; this server serves {server.model_name!r}", "model",
-                               code="model_not_found")
-            params = parse_sampling(body, server.limits)
-            stream, include_usage = parse_stream_flags(body)
-        except ApiError as err:
-            return err.response()
-
-        slot = server.limiter.try_acquire()
-        if slot is None:
-            return ApiError(429, f"the server is busy: {server.limiter.limit} requests are running; retry shortly",
-                            type="server_busy", code="server_busy").response(headers={"Retry-After": "1"})
-        info: dict[str, Any] = {}
-        generation, steps, first = await start_streaming(server.model, server.processor,
-                                                         lambda: server.prepare(body, info), params, slot)
-        if not first.ready:
-            return api_error_from(first.error or RuntimeError("generation ended early")).response()
-
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        prompt_tokens = first.prompt_tokens or 0
-
-        def usage(step: Step) -> dict[str, int]:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": step.num_tokens,
-                    "total_tokens": prompt_tokens + step.num_tokens}
-
-        def finish_reason(step: Step) -> str:
-            return "length" if step.finish_reason == "length" else "stop"
-
-        if not stream:
-            try:
-                while not (step := await steps.get()).finished:
-                    pass
-            except BaseException:
-                generation.cancel()
-                raise
-            if step.error is not None:
-                return ApiError(500, f"generation failed: {step.error}", type="server_error").response()
-            clean, regions = server.grounding(step.text, info.get("image_size"))
-            return {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": server.model_name,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": step.text, "regions": regions, "clean_text": clean},
-                    "finish_reason": finish_reason(step),
-                    "logprobs": None,
-                }],
-                "usage": usage(step),
-            }
-
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": server.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-
-        async def events():
-            yield _sse(chunk({"role": "assistant", "content": ""}))
-            sent = ""
-            while True:
-                step = await steps.get()
-                if step.finished and step.error is not None:
-                    yield _sse({"error": {"message": f"generation failed: {step.error}", "type": "server_error",
-                                          "param": None, "code": None}})
-                    break
-                text = step.text if step.finished else stable_prefix(step.text, params.stop)
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield _sse(chunk({"content": text[len(sent):]}))
-                    sent = text
-                if step.finished:
-                    clean, regions = server.grounding(step.text, info.get("image_size"))
-                    yield _sse(chunk({"regions": regions, "clean_text": clean}, finish_reason(step)))
-                    if include_usage:
-                        yield _sse({**chunk({}), "choices": [], "usage": usage(step)})
-                    break
-            yield _sse("[DONE]")
-
-        return GuardedStreamingResponse(events(), generation.cancel, media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
+        return await chat_completion(server, request)
 
     return app
 
@@ -462,7 +516,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for a Ferret model.")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model-path")
-    parser.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    parser.add_argument("--model-name", default=None,
+                        help="the model id clients use (default: the checkpoint's config.json 'model_name', else the "
+                             "folder's name, or its parent's for checkpoint/checkpoint-N/final-checkpoint folders)")
     parser.add_argument("--allowed-image-dir", default=None,
                         help="folder from which image file paths may be read (default: only data: URLs)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless asked otherwise)")
@@ -490,18 +546,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from ferret.model.builder import load_pretrained_model
+    from ferret.model.builder import load_pretrained_model, model_name_from_checkpoint
 
     model, processor = load_pretrained_model(args.model_path, args.model_base, load_8bit=args.load_8bit,
-                                             load_4bit=args.load_4bit, device=args.device)
-    if args.keep_aspect_ratio:
-        processor.image_aspect_ratio = "pad"
+                                             load_4bit=args.load_4bit, device=args.device,
+                                             image_aspect_ratio="pad" if args.keep_aspect_ratio else None)
     if args.allowed_image_dir and not os.path.isdir(args.allowed_image_dir):
         raise SystemExit(f"--allowed-image-dir {args.allowed_image_dir} is not a folder")
     server = ChatServer(
-        model, processor, args.model_name or os.path.basename(os.path.normpath(args.model_path)),
+        model, processor, args.model_name or model_name_from_checkpoint(args.model_path),
         limit_model_concurrency=args.limit_model_concurrency, allowed_image_dir=args.allowed_image_dir,
-        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions), region_feature=args.region_feature,
+        limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions),
+        region_feature=args.region_feature,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes,
     )
     logger.info("Serving %s at http://%s:%d/v1 (region features %s, API key %s)", server.model_name, args.host,

@@ -290,23 +290,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, model: Any, processor: Any, stdin: TextIO = sys.stdin,
         out: TextIO = sys.stdout) -> int:
-    """The CLI with an already loaded model; returns the exit status."""
+    """The CLI with an already loaded model (``--keep-aspect-ratio`` is a loading setting: main passes it to
+    ``load_pretrained_model``); returns the exit status."""
     try:
         with Image.open(args.image_file) as opened:
             image = opened.convert("RGB")
     except OSError as err:
         print(f"error: cannot read image {args.image_file}: {err}", file=sys.stderr)
         return 2
-    from ferret.serve.inference import SamplingParams
+    from ferret.decoding import DecodingSettings
 
     try:
         regions = [parse_region_spec(spec, image, k) for k, spec in enumerate(args.region)]
-        params = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
+        params = DecodingSettings(args.temperature, args.top_p, args.max_new_tokens)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.keep_aspect_ratio:
-        processor.image_aspect_ratio = "pad"
     session = ChatSession(model, processor, image, params, out=out, save_image=args.save_image,
                           region_feature=getattr(args, "region_feature", None))
     if args.query is None:
@@ -360,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()  # no weight-loading bar in a chat
     try:
         model, processor = load_pretrained_model(args.model_path, args.model_base, load_8bit=args.load_8bit,
-                                                 load_4bit=args.load_4bit, device=args.device)
+                                                 load_4bit=args.load_4bit, device=args.device,
+                                                 image_aspect_ratio="pad" if args.keep_aspect_ratio else None)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: cannot load the model from {args.model_path}: {first}", file=sys.stderr)

@@ -7,16 +7,17 @@ The model worker, the OpenAI-compatible API and the CLI share this module:
 * ``Generation`` runs ``prepare()`` (request validation, image decoding, tokenisation: all CPU work off the event
   loop) and then ``model.generate`` in a daemon thread. It reports ``Step``s through a sink callable: a first
   ``ready`` step (the prompt is valid, ``prompt_tokens`` known), one step per generated token with the decoded
-  output so far, and one final step (``finished``) carrying the finish reason or the error. The thread owns the slot
-  and releases it *before* the final step is reported, so a client that has read the last message sees the slot
-  free. ``cancel()`` (client gone) stops generation at the next token.
-* ``SamplingParams`` turns the request's temperature / top_p / max_new_tokens / stop into ``generate`` arguments
-  the way the original worker meant them: temperature <= 1e-4 is greedy, otherwise plain multinomial sampling from
+  output so far (decoded incrementally by ``TextDeltaStreamer``), and one final step (``finished``) carrying the
+  finish reason or the error. The thread owns the slot and releases it *before* the final step is reported, so a
+  client that has read the last message sees the slot free. ``cancel()`` (client gone) stops generation at the next
+  token.
+* The decoding settings are ``ferret.decoding.DecodingSettings`` (``SamplingParams`` here: the same type with the
+  original web UI's defaults): temperature <= 1e-4 is greedy, otherwise plain multinomial sampling from
   softmax(logits / T) with nucleus ``top_p`` (which the original read but ignored, REFERENCE §8 item 36) and no
-  top-k.
+  top-k. Stop strings end generation through ``generate``'s ``stop_strings``; the answer is cut before them.
 
-Nothing here truncates a prompt: one that leaves no room to generate is refused (``PromptTooLong``), so the
-``<image>`` positions can never be cut (§8 item 36).
+Nothing here truncates a prompt: one that leaves no room to generate is refused (``PromptTooLong``, which is the
+processor's ``PromptTooLongError``), so the ``<image>`` positions can never be cut (§8 item 36).
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ferret.decoding import GREEDY_TEMPERATURE, DecodingSettings  # noqa: F401 - GREEDY_TEMPERATURE re-exported
+from ferret.processing import PromptTooLongError
+
 logger = logging.getLogger(__name__)
 
-GREEDY_TEMPERATURE = 1e-4  # at or below: argmax, as the original worker
-
-
-class PromptTooLong(ValueError):
-    """The prompt leaves no room for a single new token in the model's context."""
+# The prompt leaves no room for a single new token in the model's context (the processor's error, one class).
+PromptTooLong = PromptTooLongError
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -99,35 +100,12 @@ class ConcurrencyLimiter:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings of one request (defaults: the original web UI's)."""
+class SamplingParams(DecodingSettings):
+    """``DecodingSettings`` with the original web UI's defaults (temperature 0.2, top_p 0.7, 512 new tokens); the
+    name this module used before the settings type was shared."""
 
     temperature: float = 0.2
-    top_p: float = 0.7
-    max_new_tokens: int = 512
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > GREEDY_TEMPERATURE
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if not self.do_sample:
-            return {"do_sample": False}
-        kwargs: dict[str, Any] = {"do_sample": True, "temperature": self.temperature, "top_k": 0}
-        if self.top_p < 1:
-            kwargs["top_p"] = self.top_p
-        return kwargs
+    top_p: float | None = 0.7
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -172,21 +150,49 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._flag(), dtype=torch.bool, device=input_ids.device)
 
 
-class _StepStreamer(BaseStreamer):
-    """Receives token ids from ``generate`` (the first ``put`` is the prompt and is skipped)."""
+class TextDeltaStreamer(BaseStreamer):
+    """A ``generate`` streamer that turns the new tokens into text as they arrive, without decoding the whole output
+    again at each token.
 
-    def __init__(self, generation: Generation):
-        self._generation = generation
+    Each token is decoded together with the few tokens before it (so SentencePiece's word-initial spaces come out as
+    in a decode of the whole answer) and only the characters it adds are appended to ``text``; a token that ends in
+    an incomplete UTF-8 sequence (U+FFFD) waits for the bytes that complete it. ``text`` therefore only grows, and
+    each value is a prefix of the next. The first ``put`` (the prompt) is skipped. ``on_token(ids, text)`` is called
+    after each ``put`` with the ids received so far.
+    """
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[list[int], str], None]):
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.ids: list[int] = []
+        self.text = ""
+        self._context_start = 0  # first id of the decoding window
+        self._read = 0  # ids [0, _read) are in ``text``
         self._seen_prompt = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def put(self, value: torch.Tensor) -> None:
         if not self._seen_prompt:
             self._seen_prompt = True
             return
-        self._generation._on_tokens(value.reshape(-1).tolist())
+        self.ids.extend(value.reshape(-1).tolist())
+        before = self._decode(self.ids[self._context_start:self._read])
+        after = self._decode(self.ids[self._context_start:])
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._context_start, self._read = self._read, len(self.ids)
+        self.on_token(self.ids, self.text)
 
     def end(self) -> None:
         pass
+
+
+def cut_at_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[str, bool]:
+    """(``text`` cut before the first stop string that begins at or after ``start``, whether one was found)."""
+    ends = [at for at in (text.find(stop, start) for stop in stops) if at >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -211,7 +217,7 @@ class Generation:
         model: torch.nn.Module,
         processor: Any,
         prepare: Callable[[], Any],
-        params: SamplingParams,
+        params: DecodingSettings,
         sink: Callable[[Step], None],
         slot: Slot | None = None,
         context_length: int | None = None,
@@ -228,6 +234,7 @@ class Generation:
         self._stopped = False  # a stop string was generated
         self._ids: list[int] = []
         self._text = ""
+        self._longest_stop = 0
         self.thread = threading.Thread(target=self._run, name="ferret-generate", daemon=True)
 
     # -------------------------------------------------------------- control
@@ -285,17 +292,25 @@ class Generation:
 
         tokenizer = self.processor.tokenizer
         inputs = self.processor.model_inputs(features, self.model)
+        self._longest_stop = max((len(stop) for stop in self.params.stop), default=0)
+        kwargs = self.params.generate_kwargs(max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.eos_token_id)
+        if self.params.stop:
+            kwargs["tokenizer"] = tokenizer  # generate finds stop_strings in the tokens through it
+        if self.params.seed is not None and self.params.do_sample:
+            torch.manual_seed(self.params.seed)
         with torch.inference_mode():
+            # The streamer turns tokens into text; generation ends at eos, at a stop string, at max_new_tokens,
+            # or when cancelled (also when the streamer saw a stop string that generate's own check did not).
             self.model.generate(
                 **inputs,
-                max_new_tokens=max_new_tokens,
-                streamer=_StepStreamer(self),
+                streamer=TextDeltaStreamer(tokenizer, self._on_token),
                 stopping_criteria=StoppingCriteriaList([_Cancelled(lambda: self._cancel.is_set() or self._stopped)]),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **self.params.generate_kwargs(),
+                **kwargs,
             )
-        if self._stopped:
+        # The answer: the generated ids decoded once, cut before the first stop string.
+        text, stopped = cut_at_stop(tokenizer.decode(self._ids, skip_special_tokens=True), self.params.stop)
+        if stopped or self._stopped:
             reason = "stop"
         elif self._ids and self._ids[-1] == tokenizer.eos_token_id:
             reason = "stop"
@@ -303,30 +318,19 @@ class Generation:
             reason = "cancelled"
         else:
             reason = "length"
-        text = self._decode(final=True)
         return Step(text=text, num_tokens=len(self._ids), finished=True, finish_reason=reason,
                     prompt_tokens=prompt_tokens)
 
-    def _decode(self, final: bool) -> str:
-        text = self.processor.tokenizer.decode(self._ids, skip_special_tokens=True)
-        for stop in self.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                self._stopped = True
-        if not final:
-            # An incomplete UTF-8 sequence decodes to U+FFFD until its other bytes arrive, and then changes: report
-            # only the part before it, so that every intermediate text is a prefix of the next.
-            cut = text.find("\ufffd")
-            if cut >= 0:
-                text = text[:cut]
-        return text
-
-    def _on_tokens(self, ids: list[int]) -> None:
+    def _on_token(self, ids: list[int], text: str) -> None:
+        """Called by the streamer after each new token with the ids and text so far."""
         if self._stopped:
             return  # the step after a stop string is never shown
-        self._ids.extend(ids)
-        self._text = self._decode(final=False)
+        self._ids = list(ids)
+        if self.params.stop:
+            # Only the end of the text can hold a stop string that was not there at the previous token.
+            start = max(0, len(self._text) - self._longest_stop + 1)
+            text, self._stopped = cut_at_stop(text, self.params.stop, start)
+        self._text = text
         self._emit(Step(text=self._text, num_tokens=len(self._ids)))
 
 
@@ -337,7 +341,7 @@ def run_sync(
     model: torch.nn.Module,
     processor: Any,
     prepare: Callable[[], dict[str, Any]],
-    params: SamplingParams,
+    params: DecodingSettings,
     slot: Slot | None = None,
     timeout: float | None = None,
 ) -> Iterator[Step]:
@@ -375,7 +379,7 @@ async def start_streaming(
     model: torch.nn.Module,
     processor: Any,
     prepare: Callable[[], Any],
-    params: SamplingParams,
+    params: DecodingSettings,
     slot: Slot | None = None,
 ) -> tuple[Generation, AsyncSteps, Step]:
     """Start a generation for an asyncio server and await its first step: ``ready``, or the error that ended it.

@@ -232,16 +232,16 @@ class ModelWorker:
 
     # ------------------------------------------------------------------ generation
     def prepare(self, payload: Any) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-        """Validate a payload and encode it. Returns (features, SamplingParams, request info). Raises
+        """Validate a payload and encode it. Returns (features, DecodingSettings, request info). Raises
         RequestError / ValueError naming what is wrong. Runs in the generation thread."""
-        from ferret.serve.inference import SamplingParams
+        from ferret.decoding import DecodingSettings
 
         request = parse_generate_request(payload, self.limits)
         if request.chat is not None:
             features = self._encode_chat(request)
         else:
             features = self._encode_prompt(request)
-        params = SamplingParams(
+        params = DecodingSettings(
             temperature=request.temperature,
             top_p=request.top_p,
             max_new_tokens=request.max_new_tokens,
@@ -262,7 +262,7 @@ class ModelWorker:
 
     def _encode_prompt(self, request: Any) -> dict[str, Any]:
         """The original's request: a templated prompt with one mask per ``<region_fea>`` (a thin adapter)."""
-        from ferret.serve.inference import PromptTooLong
+        from ferret.processing import PromptTooLongError
 
         region_masks = []
         if request.regions:
@@ -277,9 +277,9 @@ class ModelWorker:
         image = request.images[0] if request.images else None
         try:
             return self.processor.encode_prompt(request.prompt, image, region_masks)
+        except PromptTooLongError:  # longer than the context: refused, never truncated
+            raise
         except ValueError as err:
-            if "the limit is" in str(err):  # longer than the context: refused, never truncated
-                raise PromptTooLong(str(err)) from err
             raise RequestError(str(err), 422) from err
 
     def final_message(self, step: Any, prompt: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
@@ -317,7 +317,8 @@ def create_app(worker: ModelWorker):
 
     from ferret.serve.api import ApiError, bearer_matches, read_json_body
     from ferret.serve.http_utils import GuardedStreamingResponse
-    from ferret.serve.inference import SamplingParams, start_streaming
+    from ferret.decoding import DecodingSettings
+    from ferret.serve.inference import start_streaming
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -361,7 +362,7 @@ def create_app(worker: ModelWorker):
             prepared.update(info)
             return features, params
 
-        generation, steps, first = await start_streaming(worker.model, worker.processor, prepare, SamplingParams(),
+        generation, steps, first = await start_streaming(worker.model, worker.processor, prepare, DecodingSettings(),
                                                          slot)
         if not first.ready:  # failed before generating: a clean 4xx
             status, text = error_status(first.error) if first.error is not None else (500, "generation ended early")
@@ -406,7 +407,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model-path")
-    parser.add_argument("--model-name", default=None, help="name to serve under (default: the folder name)")
+    parser.add_argument("--model-name", default=None,
+                        help="name to serve under (default: the checkpoint's config.json 'model_name', else the "
+                             "folder's name, or its parent's for checkpoint/checkpoint-N/final-checkpoint folders)")
     parser.add_argument("--multi-modal", action="store_true",
                         help="deprecated: every Ferret checkpoint is multimodal, whatever its name")
     parser.add_argument("--keep-aspect-ratio", action="store_true",
@@ -447,14 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("--image_w/--image_h are ignored: the image size comes from the checkpoint's config")
     import uvicorn
 
-    from ferret.model.builder import load_pretrained_model
+    from ferret.model.builder import load_pretrained_model, model_name_from_checkpoint
 
-    model_name = args.model_name or os.path.basename(os.path.normpath(args.model_path))
+    model_name = args.model_name or model_name_from_checkpoint(args.model_path)
     model, processor = load_pretrained_model(
-        args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device
+        args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device,
+        image_aspect_ratio="pad" if args.keep_aspect_ratio else None,
     )
-    if args.keep_aspect_ratio:
-        processor.image_aspect_ratio = "pad"
     worker = ModelWorker(
         model,
         processor,
