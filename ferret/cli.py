@@ -1,7 +1,7 @@
 """The `ferret` command: one entry point whose subcommands are the modules' own command lines.
 
     ferret train ARGS | --config RECIPE.yaml     fine-tune (= python -m ferret.train.train); recipes/ holds the recipes
-    ferret eval BENCHMARK infer|score ARGS       BENCHMARK: refexp flickr lvis pope ferret_bench toy
+    ferret eval BENCHMARK infer|score ARGS       refexp flickr lvis pope ferret_bench toy vqa caption osprey report
     ferret serve controller|worker|web|api|cli   = python -m ferret.serve.{controller,model_worker,...}
     ferret data validate|toy|build ARGS          GRIT validator, synthetic toy world, dataset builders
     ferret weights apply-delta|make-delta|consolidate|extract|verify|merge-lora ARGS   weight tools
@@ -20,6 +20,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ferret.eval import BENCHMARKS  # a dict of names (the package imports nothing heavy)
+
 # A target is "module" (its main(argv) runs) or "module:function" (function(argv) runs).
 COMMANDS = {
     "demo": "ferret.demo",
@@ -27,7 +29,7 @@ COMMANDS = {
 }
 WEIGHT_TOOLS = ("apply-delta", "make-delta", "consolidate", "extract", "verify", "merge-lora")
 GROUPS = {
-    "eval": {name: f"ferret.eval.{name}" for name in ("refexp", "flickr", "lvis", "pope", "ferret_bench", "toy")},
+    "eval": dict(BENCHMARKS),
     "serve": {
         "controller": "ferret.serve.controller",
         "worker": "ferret.serve.model_worker",
