@@ -200,7 +200,8 @@ def _per_file(values: Sequence[str] | None, n: int, flag: str) -> list[str | Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-                description="Check GRIT-format data files: every record, every problem, then a summary. "
+        prog=program_name("ferret.data.validate"),
+        description="Check GRIT-format data files: every record, every problem, then a summary. "
         "Exit code 1 when anything is an error.",
     )
     parser.add_argument("files", nargs="+", help="JSON list (or .jsonl) data files")
