@@ -350,7 +350,7 @@ def _type_name(f: dataclasses.Field) -> str:
 def help_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """A transformers-free parser whose help lists the Ferret flags (the dataclasses' fields); for ``--help`` only."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune Ferret (the paper's recipe by default; flags as the original's).",
+        prog=prog, usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]", description="Fine-tune Ferret (the paper's recipe by default; flags as the original's).",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument("-h", "--help", action="store_true", help="this help; --help-all: every flag")
     parser.add_argument("--config", metavar="FILE", help="a YAML/JSON recipe; flags after it override its keys")
