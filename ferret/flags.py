@@ -51,7 +51,7 @@ ORIGINAL_SPELLINGS: tuple[Spelling, ...] = (
     Spelling("--evaluation_strategy", "train", "--eval_strategy", "translated (removed in transformers 5)"),
     Spelling("--fsdp_transformer_layer_cls_to_wrap", "train", "--fsdp_config", "translated"),
     Spelling("--mpt_attn_impl, --lazy_preprocess, --is_multimodal", "train", "",
-             "accepted and ignored with a log line: the original's launch scripts pass them"),
+             "accepted and ignored with a log line (the original's launch script passes --lazy_preprocess True)"),
     Spelling("--moderate", "serve web", "", "refused: content moderation (an OpenAI API call) is not implemented"),
     Spelling("--embed", "serve web", "", "refused: the web UI has no embedded mode"),
     Spelling("--multi-modal", "serve worker", "", "refused: every Ferret checkpoint is multimodal"),
