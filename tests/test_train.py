@@ -379,7 +379,7 @@ def test_lora_merge_matches_adapter(world, tmp_path):
     from ferret.data.grit import DataOptions, FerretCollator, GritDataset
     from ferret.model.builder import load_pretrained_model
     from ferret.model.modeling import FerretLlamaForCausalLM
-    from ferret.train.merge_lora import main as merge_main
+    from ferret.weights.merge_lora import main as merge_main
     from ferret.train.train import main
 
     out = tmp_path / "lora"

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ferret.model import apply_delta as apply_delta_module  # noqa: E402
-from ferret.model.apply_delta import RELEASED_MULTIMODAL_NAMES, DeltaError, apply_delta, plan_delta  # noqa: E402
+from ferret.weights import apply_delta as apply_delta_module  # noqa: E402
+from ferret.weights.apply_delta import RELEASED_MULTIMODAL_NAMES, DeltaError, apply_delta, plan_delta  # noqa: E402
 from ferret.model.checkpoint import (  # noqa: E402
     SAFETENSORS_INDEX_NAME,
     CheckpointError,
@@ -30,12 +30,12 @@ from ferret.model.checkpoint import (  # noqa: E402
     parse_size,
     plan_shards,
 )
-from ferret.model.consolidate import consolidate  # noqa: E402
-from ferret.model.extract import extract  # noqa: E402
-from ferret.model.extract import main as extract_main  # noqa: E402
-from ferret.model.make_delta import make_delta  # noqa: E402
-from ferret.model.verify import compare_checkpoints  # noqa: E402
-from ferret.model.verify import main as verify_main  # noqa: E402
+from ferret.weights.consolidate import consolidate  # noqa: E402
+from ferret.weights.extract import extract  # noqa: E402
+from ferret.weights.extract import main as extract_main  # noqa: E402
+from ferret.weights.make_delta import make_delta  # noqa: E402
+from ferret.weights.verify import compare_checkpoints  # noqa: E402
+from ferret.weights.verify import main as verify_main  # noqa: E402
 
 H, FFN, LAYERS, VOCAB = 8, 12, 2, 32000
 SIDE = {

@@ -66,6 +66,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ferret.conversation import FERRET_SYSTEM
+from ferret.flags import program_name
 from ferret.regions import PLACEHOLDER, Box, FreeForm, Point, region_to_text
 
 logger = logging.getLogger(__name__)
@@ -576,7 +577,7 @@ def train_toy_tokenizer(out_dir: str | Path, texts: Sequence[str], vocab_size: i
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ferret.data.toy",
+        prog=program_name("ferret.data.toy"),
         description="Generate the toy shapes world (GRIT-format train/val/test JSON + PNG images) and, "
         "optionally, a small LLaMA-style SentencePiece tokenizer trained on its texts.",
     )

@@ -23,19 +23,12 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ferret.data.grit import (
-    DATASET_TYPES,
-    Problem,
-    RecordError,
-    check_record,
-    image_path,
-    parse_record,
-    read_image,
-    read_record_blobs,
-    resolve_dataset_type,
-)
+from ferret.flags import add_region_feature_argument, program_name
+
+if TYPE_CHECKING:  # the grit module loads torch; it is imported where it is used, so --help stays fast
+    from ferret.data.grit import Problem
 
 
 @dataclass
@@ -98,6 +91,8 @@ class Report:
 def _read_file(path: str) -> tuple[list[tuple[Any, Problem | None]], Problem | None]:
     """The records of a file as (record, parse problem) pairs, or a file-level problem. Reads them exactly as
     ``GritDataset`` does (``grit.read_record_blobs`` + ``grit.parse_record``)."""
+    from ferret.data.grit import Problem, RecordError, parse_record, read_record_blobs
+
     if not os.path.isfile(path):
         return [], Problem("missing_file", f"data file {path} does not exist")
     try:
@@ -120,6 +115,8 @@ def validate_file(path: str, image_folder: str | None = None, dataset_type: str 
 
     ``region_feature``: human regions are read as ``<region_fea>`` features (training's --add_region_feature).
     """
+    from ferret.data.grit import DATASET_TYPES, Problem, check_record, image_path, resolve_dataset_type
+
     report = report if report is not None else Report()
     image_cache = image_cache if image_cache is not None else {}
     path = os.fspath(path)
@@ -165,6 +162,8 @@ def validate_file(path: str, image_folder: str | None = None, dataset_type: str 
 
 def _image_size(path: str, cache: dict, problems: list[Problem]) -> tuple[int, int] | None:
     """(W, H) of the image (read once per path), or None with the problem added."""
+    from ferret.data.grit import Problem, RecordError, read_image
+
     if path not in cache:
         try:
             cache[path] = read_image(path).size
@@ -201,7 +200,7 @@ def _per_file(values: Sequence[str] | None, n: int, flag: str) -> list[str | Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ferret.data.validate",
+        prog=program_name("ferret.data.validate"),
         description="Check GRIT-format data files: every record, every problem, then a summary. "
         "Exit code 1 when anything is an error.",
     )
@@ -209,15 +208,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-folder", action="append", default=None,
                         help="folder the images of a file are relative to (once per file, or once for all; "
                         "default: the file's folder)")
-    parser.add_argument("--dataset-type", action="append", default=None, choices=list(DATASET_TYPES) + ["auto"],
-                        help="dataset type (once per file, or once for all; default: from the file name)")
-    parser.add_argument("--no-region-feature", action="store_true",
-                        help="check for training with --add_region_feature False (regions as coordinates only; "
-                        "a record without an image may then refer to regions)")
+    parser.add_argument("--dataset-type", action="append", default=None,
+                        help="dataset type: grit, vg_object, refexp, ... or auto (once per file, or once for all; "
+                        "default: from the file name)")
+    add_region_feature_argument(parser)
+    parser.epilog = ("--no-region-feature: check for training with region features off (regions as coordinates "
+                     "only; a record without an image may then refer to regions)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (summary and findings)")
     args = parser.parse_args(argv)
+    from ferret.data.grit import DATASET_TYPES
+
+    unknown = sorted(set(args.dataset_type or ()) - set(DATASET_TYPES) - {"auto"})
+    if unknown:
+        parser.error(f"--dataset-type: unknown {', '.join(map(repr, unknown))} (known: "
+                     f"{', '.join(list(DATASET_TYPES) + ['auto'])})")
     try:
-        report = validate(args.files, args.image_folder, args.dataset_type, not args.no_region_feature)
+        report = validate(args.files, args.image_folder, args.dataset_type, args.region_feature)
     except ValueError as err:
         parser.error(str(err))
     if args.json:

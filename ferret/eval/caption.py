@@ -59,6 +59,7 @@ from ferret.eval.common import (
 )
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import xywh_to_xyxy
+from ferret.flags import program_name
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def caption_queries(items: list[CaptionItem], image_folder: str | Path, region_f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval caption", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.caption"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="caption every image or region with a model")
     score = sub.add_parser("score", help="CIDEr and METEOR of a prediction file or folder")

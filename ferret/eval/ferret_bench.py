@@ -90,6 +90,7 @@ from typing import TYPE_CHECKING, Any
 from ferret.constants import GRID_SIZE
 from ferret.eval.common import format_table, load_predictions, metrics_path, read_jsonl, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
+from ferret.flags import program_name
 from ferret.regions import Box, Point, Region, parse_regions, region_to_text, strip_regions, to_grid
 
 if TYPE_CHECKING:
@@ -539,7 +540,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval.ferret_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.ferret_bench"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     infer = sub.add_parser("infer", aliases=["answer"], help="answer the questions of one category with a model")

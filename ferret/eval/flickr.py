@@ -71,6 +71,7 @@ from ferret.eval.common import (
 )
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import ZERO_BOX, box_iou_matrix, hit_at_k, merge_boxes, xywh_to_xyxy
+from ferret.flags import program_name
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ def _print_results(metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval.flickr", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.flickr"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="ground the phrases of every caption with a model")
     infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,

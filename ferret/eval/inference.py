@@ -55,6 +55,7 @@ from PIL import Image
 
 from ferret.decoding import DecodingSettings
 from ferret.eval.common import chunk_file_name, read_jsonl, regions_record
+from ferret.flags import add_region_feature_argument
 
 if TYPE_CHECKING:
     from ferret.model.modeling import FerretLlamaForCausalLM
@@ -455,11 +456,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser, images: bool = True
                         help="auto: bf16/fp16 on accelerators, fp32 on CPU")
     parser.add_argument("--load-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, CUDA)")
     parser.add_argument("--load-4bit", action="store_true", help="4-bit NF4 LLM weights (bitsandbytes, CUDA)")
-    parser.add_argument("--no-region-feature", dest="region_feature", action="store_false",
-                        help="regions as text coordinates only, no <region_fea> (the original without "
-                             "--add_region_feature)")
-    parser.add_argument("--add-region-feature", "--add_region_feature", action="store_true",
-                        help=argparse.SUPPRESS)  # the original's opt-in flag; region features are on by default
+    add_region_feature_argument(parser)  # on by default; --add_region_feature (the original's opt-in) is an alias
     parser.add_argument("--conv-mode", default=None, help="chat template (default: the processor's, ferret_v1)")
     parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -70,6 +70,7 @@ from ferret.eval.common import (
     write_json,
 )
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
+from ferret.flags import program_name
 from ferret.regions import Box, FreeForm, Point
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def lvis_queries(records: list[dict[str, Any]], image_folder: str | Path, region
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval.lvis", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.lvis"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="classify every referred region with a model")
     infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,

@@ -46,6 +46,7 @@ from typing import Any
 from ferret.eval.common import PredictionStream, decode_segmentation, format_table, metrics_path, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.eval.metrics import xywh_to_xyxy
+from ferret.flags import program_name
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def osprey_queries(entries: list[dict[str, Any]], image_folder: str | os.PathLik
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval osprey", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.osprey"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="classify every region with a model")
     infer.add_argument("--annotation-file", required=True,

@@ -50,6 +50,7 @@ from typing import Any
 
 from ferret.eval.common import PredictionStream, StreamAlignment, format_table, metrics_path, read_jsonl, write_json
 from ferret.eval.inference import Answer, Query, add_inference_arguments, default_record, infer_from_args
+from ferret.flags import program_name
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def pope_record(answer: Answer) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval.pope", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.pope"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="answer every POPE question with a model")
     infer.add_argument("--annotation-file", "--data_path", dest="annotation_file", required=True,

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ferret.flags import program_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PAPERS", "PUBLISHED", "collect", "headline_rows", "main", "render"]
@@ -211,7 +213,7 @@ def _run_names(dirs: Sequence[str]) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.report"), description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding *.metrics.json files")
     parser.add_argument("--format", dest="fmt", default="md", choices=["md", "csv"])
     parser.add_argument("--output", default=None, help="write the table to this file (default: print it)")

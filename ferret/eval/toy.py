@@ -59,6 +59,7 @@ from ferret.eval.common import (
 from ferret.eval.inference import GenerationConfig, Query, add_inference_arguments, infer_from_args, run_inference
 from ferret.eval.metrics import box_iou
 from ferret.eval.pope import decide_yes_no
+from ferret.flags import program_name
 from ferret.regions import Box, FreeForm, Point
 
 logger = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def _score(predictions: str, annotation_file: str, output: str | None, threshold
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.toy"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "infer": sub.add_parser("infer", help="answer every record of a toy split with a model"),

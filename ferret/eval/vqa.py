@@ -57,6 +57,7 @@ from typing import Any
 
 from ferret.eval.common import PredictionStream, StreamAlignment, format_table, metrics_path, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
+from ferret.flags import program_name
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def _results_list(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.eval vqa", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("ferret.eval.vqa"), description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="answer every question with a model")
     infer.add_argument("--dataset", required=True, choices=DATASETS)

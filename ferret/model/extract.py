@@ -1,85 +1,13 @@
-"""Extract the tensors whose names contain given keys (the projector, the region sampler) into one file.
+"""Old path of `ferret.weights.extract`:
+``python -m ferret.model.extract`` and ``import ferret.model.extract`` keep working."""
 
-Usage (the original's scripts/extract_geosampler_and_mm_projector.py):
-    python -m ferret.model.extract --model-path ./checkpoints/ferret-7b/checkpoint-final \
-        --output ./checkpoints/ferret-7b/extracted_mm_projector.bin --keys_to_match mm_projector [region_geo_sampler]
-
-A tensor is kept when any key is a substring of its name; names are kept in full (`model.mm_projector.weight`).
-The output is a torch state dict (`torch.save`, as the original) unless it ends in `.safetensors`. Any
-checkpoint layout `CheckpointReader` knows is accepted; only the matching tensors are read.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import os
-from collections.abc import Sequence
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-
-from ferret.model.checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    atomic_output_file,
-    check_output_path,
-    exit_cleanly_on_sigterm,
-    setup_cli_logging,
-)
-
-logger = logging.getLogger(__name__)
-
-
-def extract(
-    model_path: str | os.PathLike,
-    output: str | os.PathLike,
-    keys_to_match: Sequence[str] = ("region_geo_sampler",),
-    *,
-    overwrite: bool = False,
-) -> list[str]:
-    """Save the tensors of `model_path` whose names contain any of `keys_to_match` to `output`; returns the names."""
-    if not keys_to_match:
-        raise ValueError("keys_to_match is empty; name at least one key, e.g. mm_projector")
-    check_output_path(output, overwrite=overwrite, inputs=(model_path,))
-    reader = CheckpointReader(model_path)
-    names = [name for name in reader.names if any(key in name for key in keys_to_match)]
-    if not names:
-        raise CheckpointError(f"no tensor of {reader.path} has a name containing any of {list(keys_to_match)}")
-    # These are the small multimodal modules (~40M parameters at most), so holding them together is fine.
-    weights = dict(reader.iter_tensors(names))
-    reader.close()
-    with atomic_output_file(output, overwrite=overwrite, inputs=(model_path,)) as tmp:
-        if Path(output).suffix == ".safetensors":
-            save_file(weights, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save(weights, tmp)
-    logger.info("saved %d tensors to %s: %s", len(names), output, ", ".join(names))
-    return names
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ferret.model.extract", description="Extract the projector / region-sampler weights."
-    )
-    parser.add_argument("--model-path", required=True, help="checkpoint folder (or a single .bin/.safetensors file)")
-    parser.add_argument("--output", required=True, help="output file (.bin: torch.save; .safetensors)")
-    parser.add_argument(
-        "--keys_to_match", "--keys-to-match", nargs="+", default=["region_geo_sampler"],
-        help="keep tensors whose names contain any of these (e.g. mm_projector region_geo_sampler)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = parser.parse_args(argv)
-    setup_cli_logging()
-    exit_cleanly_on_sigterm()
-    try:
-        extract(args.model_path, args.output, args.keys_to_match, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
-
+import sys
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ferret.weights.cli import main
+
+    sys.exit(main("extract", prog="python -m ferret.model.extract"))
+else:
+    from ferret.weights import extract as _module
+
+    sys.modules[__name__] = _module

@@ -13,23 +13,31 @@ value is the default here. Flags that transformers 5 removed (``--warmup_ratio``
 ``--fsdp_transformer_layer_cls_to_wrap``) are translated; flags that never did anything (``--mpt_attn_impl``,
 ``--lazy_preprocess``) are accepted and ignored with a log line.
 
-`parse_args(argv)` also reads YAML or JSON config files: ``train.py recipe.yaml --learning_rate 1e-5`` (or
-``--config recipe.yaml``) uses the file's keys as flags, and flags given on the command line win.
+`parse_args(argv)` also reads YAML or JSON config files: ``ferret train --config recipes/ferret_7b.yaml
+--learning_rate 1e-5`` (or ``train.py recipe.yaml ...``) uses the file's keys as flags, and flags given on the command
+line win. Every flag also has a kebab spelling (``--learning-rate``), and the region-feature switch its project
+spelling ``--region-feature`` / ``--no-region-feature`` (see `ferret.flags`).
+
+transformers is imported only when `TrainingArguments` is first used (it takes seconds), so ``ferret train --help``
+(`help_text`) stays fast; ``--help-all`` lists every transformers.TrainingArguments flag too.
 """
 
+import argparse
+import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import transformers
+from ferret.flags import translate_training_argv
 
 logger = logging.getLogger(__name__)
 
 # Flags kept only so that old launch scripts run; their values are logged and dropped.
-IGNORED_FLAGS = ("mpt_attn_impl", "lazy_preprocess")
+IGNORED_FLAGS = ("mpt_attn_impl", "lazy_preprocess", "is_multimodal")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -124,8 +132,9 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    """`transformers.TrainingArguments` plus the original's training extras; defaults follow REFERENCE §4.2."""
+class TrainingExtras:
+    """The original's training extras, and the paper recipe's values where they differ from transformers'
+    defaults. `TrainingArguments` is `transformers.TrainingArguments` with these fields added."""
 
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     optim: str = field(default="adamw_torch")
@@ -180,6 +189,31 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+def _make_training_arguments() -> type:
+    import transformers
+
+    @dataclass
+    class TrainingArguments(TrainingExtras, transformers.TrainingArguments):
+        """`transformers.TrainingArguments` plus the original's training extras (`TrainingExtras`)."""
+
+    TrainingArguments.__module__ = __name__
+    TrainingArguments.__qualname__ = "TrainingArguments"  # picklable as ferret.train.arguments.TrainingArguments
+    return TrainingArguments
+
+
+def training_arguments_class() -> type:
+    """`TrainingArguments` (built on first use: it imports transformers)."""
+    if "TrainingArguments" not in globals():
+        globals()["TrainingArguments"] = _make_training_arguments()
+    return globals()["TrainingArguments"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainingArguments":
+        return training_arguments_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -211,7 +245,8 @@ def _config_to_argv(path: str) -> list[str]:
 
 
 def expand_config_files(argv: Sequence[str]) -> list[str]:
-    """Replaces a leading config file (or ``--config FILE``) by its flags; later command-line flags override."""
+    """Replaces a leading config file (or ``--config FILE``) by its flags; later command-line flags override.
+    The project's spellings of training's switches (``--region-feature``) become the dataclass fields'."""
     argv = list(argv)
     files: list[str] = []
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
@@ -227,21 +262,26 @@ def expand_config_files(argv: Sequence[str]) -> list[str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
         prefix += _config_to_argv(path)
-    return prefix + argv
+    return translate_training_argv(prefix + argv)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+def hf_parser():
+    """The `transformers.HfArgumentParser` of the three dataclasses (imports transformers)."""
+    import transformers
+
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, training_arguments_class()))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
     """Parses command-line words (config files expanded) into the three dataclasses and checks them together."""
-    import sys
-
     argv = expand_config_files(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = hf_parser()
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     check_args(model_args, data_args, training_args, argv)
     return model_args, data_args, training_args
 
 
-def check_args(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+def check_args(model_args: ModelArguments, data_args: DataArguments, training_args: Any,
                argv: Sequence[str] = ()) -> None:
     """Cross-argument checks; normalises what the original accepted loosely (version, image folders)."""
     for name in IGNORED_FLAGS:
@@ -292,3 +332,49 @@ def as_dict(*dataclasses_: Any) -> dict[str, Any]:
     for obj in dataclasses_:
         out.update({k: v for k, v in vars(obj).items() if not k.startswith("_")})
     return out
+
+
+# ---------------------------------------------------------------------------------------------- command line
+HELP_EPILOG = """\
+Every flag of transformers.TrainingArguments is accepted as well (--output_dir, --learning_rate, --num_train_epochs,
+--per_device_train_batch_size, --gradient_accumulation_steps, --bf16, --deepspeed, --fsdp, --save_steps, ...);
+`--help-all` lists them all (slower: it loads transformers). Each flag also takes its kebab spelling
+(--learning-rate). A recipe file holds flags as YAML keys: `ferret train --config recipes/ferret_7b.yaml`."""
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    text = str(f.type).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace(" | None", "").replace("None | ", "")
+
+
+def help_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """A transformers-free parser whose help lists the Ferret flags (the dataclasses' fields); for ``--help`` only."""
+    parser = argparse.ArgumentParser(
+        prog=prog, usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]", description="Fine-tune Ferret (the paper's recipe by default; flags as the original's).",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("-h", "--help", action="store_true", help="this help; --help-all: every flag")
+    parser.add_argument("--config", metavar="FILE", help="a YAML/JSON recipe; flags after it override its keys")
+    parser.add_argument("--region-feature", nargs="?", metavar="BOOL",
+                        help="the project's spelling of --add_region_feature (--no-region-feature: off)")
+    for title, cls in (("model", ModelArguments), ("data", DataArguments), ("training (Ferret's additions)",
+                                                                             TrainingExtras)):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            group.add_argument(f"--{f.name}", metavar=_type_name(f).upper().replace(" ", ""),
+                               help=f"{f.metadata.get('help', '')} (default: {default})".strip())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`ferret train`: prints the help without loading transformers, otherwise runs `ferret.train.train.main`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-all" in argv:
+        hf_parser().print_help()
+        return 0
+    if "-h" in argv or "--help" in argv:
+        help_parser().print_help()
+        return 0
+    from ferret.train.train import main as train_main
+
+    return train_main(argv)

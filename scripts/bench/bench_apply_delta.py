@@ -7,7 +7,7 @@ Usage:
 
 It writes a random fp16 base (vocab 32000) and a Ferret-style delta (vocab 32001 + the 18 multimodal tensors)
 as sharded safetensors into a temporary folder, then runs, each in a fresh subprocess:
-  (a) streaming: `python -m ferret.model.apply_delta` (one tensor at a time);
+  (a) streaming: `python -m ferret.weights.apply_delta` (one tensor at a time);
   (b) naive: load both state dicts whole, add (fp32, cast to fp16) in place, save with huggingface_hub's
       `save_torch_state_dict` (what `save_pretrained` does) - the original's approach without the model classes.
 Peak RSS is the child's VmHWM (read by the child itself at the end), wall time is measured around the child;
@@ -134,7 +134,7 @@ def peak_rss_kib() -> int:
 def child(job: str, job_args: list[str]) -> None:
     """Run one measured job in this (fresh) process and print its peak RSS as the last line."""
     if job == "stream":
-        from ferret.model.apply_delta import main as apply_delta_main
+        from ferret.weights.apply_delta import main as apply_delta_main
 
         base, delta, out, shard = job_args
         rc = apply_delta_main(
@@ -148,7 +148,7 @@ def child(job: str, job_args: list[str]) -> None:
         import safetensors  # noqa: F401
         import torch  # noqa: F401
 
-        import ferret.model.apply_delta  # noqa: F401
+        import ferret.weights.apply_delta  # noqa: F401
     print(f"PEAK_RSS_KIB {peak_rss_kib()}", flush=True)
 
 
@@ -189,7 +189,7 @@ def main() -> int:
         child(args.child[0], args.child[1:])
         return 0
 
-    from ferret.model.verify import compare_checkpoints
+    from ferret.weights.verify import compare_checkpoints
 
     hidden, ffn, layers = llama_dims(args.params)
     work = Path(tempfile.mkdtemp(prefix="bench_apply_delta-", dir=args.workdir))
