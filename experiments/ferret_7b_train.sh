@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ferret-7B: the paper's training recipe (REFERENCE §4.2) on 8x A100-80GB, with DeepSpeed ZeRO-3.
+# Ferret-7B: the paper's training recipe (docs/compatibility.md §9.2) on 8x A100-80GB, with DeepSpeed ZeRO-3.
 #
 #   bash experiments/ferret_7b_train.sh                      # one node, 8 GPUs
 #   NNODES=2 HOSTFILE=hostfile bash experiments/ferret_7b_train.sh       # several nodes from node 0 (pdsh/ssh)

@@ -12,11 +12,11 @@ The model worker, the OpenAI-compatible API and the CLI share this module:
   free. ``cancel()`` (client gone) stops generation at the next token.
 * ``SamplingParams`` turns the request's temperature / top_p / max_new_tokens / stop into ``generate`` arguments
   the way the original worker meant them: temperature <= 1e-4 is greedy, otherwise plain multinomial sampling from
-  softmax(logits / T) with nucleus ``top_p`` (which the original read but ignored, REFERENCE §8 item 36) and no
+  softmax(logits / T) with nucleus ``top_p`` (the original read it but ignored it: docs/compatibility.md §12.36), no
   top-k.
 
 Nothing here truncates a prompt: one that leaves no room to generate is refused (``PromptTooLong``), so the
-``<image>`` positions can never be cut (§8 item 36).
+``<image>`` positions can never be cut (docs/compatibility.md §12.36).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training arguments: the original's flag names (REFERENCE §4.1), the paper recipe's values as defaults.
+"""Training arguments: the original's flag names (docs/compatibility.md §9.1), the paper recipe's values as defaults.
 
 Three dataclasses, parsed together by `transformers.HfArgumentParser`:
 
@@ -89,7 +89,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The GRIT-format training files (REFERENCE §3) and how their regions become text and masks."""
+    """The GRIT-format training files (docs/compatibility.md §6) and how their regions become text and masks."""
 
     data_path: list[str] | None = field(default=None, metadata={"help": "GRIT-format JSON files."})
     data_multiple: list[float] | None = field(
@@ -125,7 +125,7 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """`transformers.TrainingArguments` plus the original's training extras; defaults follow REFERENCE §4.2."""
+    """`transformers.TrainingArguments` plus the original's training extras; defaults: docs/compatibility.md §9.2."""
 
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     optim: str = field(default="adamw_torch")
