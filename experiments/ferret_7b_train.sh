@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Ferret-7B: launches the recipe recipes/ferret_7b.yaml (every training setting is there) on a DeepSpeed cluster.
+# Ferret-7B: launches the recipe recipes/ferret_7b.yaml (every training setting is there; the paper's recipe,
+# docs/compatibility.md §9.2) on a DeepSpeed cluster.
 #
 #   bash experiments/ferret_7b_train.sh                                      # one node, 8 GPUs
 #   NNODES=2 HOSTFILE=hostfile bash experiments/ferret_7b_train.sh           # several nodes from node 0 (pdsh/ssh)

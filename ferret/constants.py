@@ -9,9 +9,6 @@ IMAGE_TOKEN_INDEX = -200
 
 IMAGE_TOKEN = "<image>"
 REGION_TOKEN = "<region_fea>"
-IM_PATCH_TOKEN = "<im_patch>"
-IM_START_TOKEN = "<im_start>"
-IM_END_TOKEN = "<im_end>"
 
 # Text coordinates live on a GRID_SIZE x GRID_SIZE grid of the model input (values 0..GRID_SIZE-1).
 GRID_SIZE = 1000

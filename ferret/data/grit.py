@@ -1,19 +1,19 @@
 """GRIT-format training data: reading, checking, mixing, turning records into model inputs, and collation.
 
-This module owns the GRIT record format (REFERENCE §3.1) and everything between a data file and a padded batch:
+This module owns the GRIT record format (docs/compatibility.md §6.1) and all between a data file and a padded batch:
 
 * ``DATASET_TYPES``: the original's loader tags (``vg_object`` ... ``cc3m_595k``) plus ``grit`` (any GRIT-format
   file with boxes) and ``toy`` (ferret/data/toy.py). A file's type is given explicitly (``dataset_types``, one per
   data path, e.g. from a ``--dataset_type`` flag) or, failing that, inferred from the FILE NAME with the original's
-  substring rule (``infer_dataset_type``); directory names never take part (REFERENCE §8 item 15).
+  substring rule (``infer_dataset_type``); directory names never take part (docs/compatibility.md §12.15).
 * ``check_record``: the one function that decides whether a record is usable. ``GritDataset`` skips what it
   rejects, and ``python -m ferret.data.validate`` reports everything it finds (plus missing/unreadable images).
 * ``mix_indices`` / ``mix``: ``data_multiple`` exactly as the original (floor(m) full copies + ceil(n * frac(m))
   picks with replacement) followed by one shuffle, all from numpy Generators seeded by ``seed`` alone, so every
-  rank builds the same order (§8 item 14).
-* ``GritDataset``: lazy; records are held as one compact byte buffer per file (no per-record Python objects,
-  so DataLoader workers share it copy-on-write), images are read in ``__getitem__``. Per human turn it picks
-  point or box once (seeded by (seed, epoch, item)), samples points with ``point_input_sample`` (REFERENCE §2),
+  rank builds the same order (docs/compatibility.md §12.14).
+* ``GritDataset``: lazy; records are held as one compact byte buffer per file (no per-record Python objects, so
+  DataLoader workers share it copy-on-write), images are read in ``__getitem__``. Per human turn it picks point or
+  box once (seeded by (seed, epoch, item)), samples points with ``point_input_sample`` (docs/compatibility.md §7.4),
   limits each region's feature mask by its segmentation (``within``), and hands everything to
   ``FerretProcessor.encode``. Bad records are logged, counted (``bad_records``) and replaced by the next good one.
 * ``FerretCollator``: ``processor.pad(features, "right")``.
@@ -100,10 +100,10 @@ WARNING_REASONS = frozenset({"box_overhang", "unused_box", "unanswered_turn"})
 
 @dataclass
 class DataOptions:
-    """How records become training samples; defaults are the Ferret recipe (REFERENCE §4.2).
+    """How records become training samples; defaults are the Ferret recipe (docs/compatibility.md §9.2).
 
     Args:
-        point_input_sample: how a human region given as a point is sampled (REFERENCE §2):
+        point_input_sample: how a human region given as a point is sampled (docs/compatibility.md §7.4):
             ``segment_mask|uniform``, ``segment_mask|center``, ``segment_mask|gaussian``, ``gaussian``, ``center``.
         refer_previous_point: within a human turn, equal boxes reuse one sampled point, and in the following gpt
             turn a box equal to one of them is written as that point.
@@ -147,7 +147,7 @@ class DatasetType:
     default_multiple: float = 1.0
 
 
-# In the original's matching order (REFERENCE §3.1), then this project's additions.
+# In the original's matching order (docs/compatibility.md §6.2), then this project's additions.
 DATASET_TYPES: dict[str, DatasetType] = {
     t.name: t
     for t in (
@@ -593,7 +593,7 @@ def check_record(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Point sampling (REFERENCE §2)
+# Point sampling (docs/compatibility.md §7.4)
 
 
 def jittered_center(box: Box, rng: np.random.Generator, tries: int = 16) -> Point:

@@ -11,7 +11,7 @@ Files written by `make_world(out_dir, ...)`:
     out_dir/{train,val,test}.json          a JSON list of records, one record per line
     out_dir/world.json                     the generator's settings (seed, sizes, WorldConfig)
 
-Each record is a GRIT record (REFERENCE §3.1) with one human/gpt turn pair:
+Each record is a GRIT record (docs/compatibility.md §6.1) with one human/gpt turn pair:
 
     id, image (relative to out_dir), image_w, image_h, task,
     conversations  [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]
@@ -31,7 +31,7 @@ inclusive bounding box of that mask. Overlaps are allowed but every shape keeps 
 `WorldConfig.min_visible_fraction` of its own area visible.
 
 Question types (`task`), with their fixed templates; the wording of the last four follows the evaluation
-prompts of REFERENCE §5 (LVIS, RefCOCO, POPE) so the eval code can run on this world unchanged:
+prompts of docs/compatibility.md §10.2 (LVIS, RefCOCO, POPE) so the eval code can run on this world unchanged:
 
     refer         "What is <bbox_location0>?"                               -> "a red triangle"
     refer_choice  "Is the object <bbox_location0> of the image a red triangle or a blue star?"

@@ -1,6 +1,6 @@
 """load_pretrained_model: the one loading path that train, eval and serve use.
 
-Reads a local folder or a hub id holding a Ferret checkpoint in the original layout (REFERENCE §1.8-1.10):
+Reads a local folder or a hub id holding a Ferret checkpoint in the original layout (docs/compatibility.md §1-2):
 safetensors or .bin shards, a ``vision_tower/`` folder or a CLIP hub id, vocabulary 32001 with ``<region_fea>`` =
 32000. Also: a LoRA folder over a base model (``adapter_config.json`` + ``non_lora_trainables.bin``), a base model
 plus a projector-only folder (``mm_projector.bin``), 4/8-bit loading through bitsandbytes, and any device.

@@ -1,8 +1,8 @@
 """FerretConfig: a LLaMA config plus the vision, projector and sampler fields of a Ferret checkpoint.
 
-Field names follow the original `config.json` (REFERENCE §1.9) so released checkpoints load unchanged. The
+Field names follow the original `config.json` (docs/compatibility.md §2) so released checkpoints load unchanged. The
 sampler's structure constants, hard-coded in the original, are typed fields here whose defaults are the
-original's. `region_feature_axes` records where region features are read (DESIGN contract 2):
+original's. `region_feature_axes` records where region features are read (docs/compatibility.md §3):
 
 * ``"xy"``: at the region's own location (the correct read; the default for new models);
 * ``"transposed"``: mirrored across the image diagonal, as the original code reads them. A config.json without

@@ -7,7 +7,7 @@ The LLaMA decoder reads a sequence in which
 * every ``<region_fea>`` token holds the spatial-aware sampler's feature of the matching region mask, in the order
   the tokens appear (sample by sample), placed with a second ``masked_scatter``.
 
-State-dict names equal the original's (REFERENCE §1.8): LLaMA keys, ``model.mm_projector.*`` and
+State-dict names equal the original's (docs/compatibility.md §1.2): LLaMA keys, ``model.mm_projector.*`` and
 ``model.region_geo_sampler.*``. The CLIP tower is deliberately not a registered sub-module, so it is neither in the
 state dict nor sharded by ZeRO/FSDP; it lives in ``<checkpoint>/vision_tower/`` (or comes from the hub) and follows
 the model across ``.to()`` calls.

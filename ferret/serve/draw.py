@@ -1,7 +1,7 @@
 """Drawing regions on images, for the CLI's ``--save-image`` and the web UI's previews.
 
 Boxes become rectangles, points small circles, free-form regions the outline of their mask (found with a
-vectorised erosion, not a per-pixel loop, REFERENCE §8 item 34); each gets a label on a filled tag. Fonts are
+vectorised erosion, not a per-pixel loop: docs/compatibility.md §12.34); each gets a label on a filled tag. Fonts are
 looked up by name on the system, then in matplotlib's bundled DejaVu, then Pillow's built-in font, so nothing
 depends on the working directory.
 """

@@ -1,6 +1,6 @@
 """The Ferret web demo on current Gradio (6.x): refer to regions by drawing, chat, see the grounded boxes.
 
-How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")`` no longer exists, §8 item 33):
+How it works (docs/compatibility.md §11.3; rebuilt for gradio 6, which has no ``Image(tool="sketch")``, §12.33):
 
 * Upload an image into the editor (a small one is shown upscaled, so the brush, sized to the picture, can draw
   precisely; the editor's toolbar has undo and the eraser) and draw on it with the brush; choose the *Referring Input Type* and press
@@ -16,7 +16,7 @@ How it works (REFERENCE §6.3, rebuilt for gradio 6 where ``Image(tool="sketch")
 * When the answer is complete, its grounded regions (in pixels, from the worker's ``regions`` field, i.e.
   FerretProcessor.post_process) are drawn with their phrases in *Output Vis*.
 * Conversations and votes are logged as JSON lines to ``LOGDIR/YYYY-MM-DD-conv.json`` with the start *and* the
-  real finish time (§8 item 37), images to ``LOGDIR/serve_images/<date>/<md5>.jpg``.
+  real finish time (docs/compatibility.md §12.37), images to ``LOGDIR/serve_images/<date>/<md5>.jpg``.
 
 Decoding is greedy by default (temperature 0): a grounding answer's coordinates come out as the model's best
 guess, not a sample. Uploads are limited (``--max-upload-mb``, ``--max-image-side``) and must decode as images.

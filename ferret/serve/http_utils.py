@@ -10,7 +10,7 @@ from starlette.responses import StreamingResponse
 class GuardedStreamingResponse(StreamingResponse):
     """A StreamingResponse that always runs ``on_close`` however the stream ends: finished, failed, or cut by the
     client. Starlette skips a response's background task when the client disconnects, which is how the original
-    worker leaked its concurrency semaphore (REFERENCE §6.2)."""
+    worker leaked its concurrency semaphore (docs/compatibility.md §11.2)."""
 
     def __init__(self, content, on_close: Callable[[], None], **kwargs):
         super().__init__(content, **kwargs)

@@ -13,11 +13,11 @@ The model worker, the OpenAI-compatible API and the CLI share this module:
   token.
 * The decoding settings are ``ferret.decoding.DecodingSettings`` (``SamplingParams`` here: the same type with the
   original web UI's defaults): temperature <= 1e-4 is greedy, otherwise plain multinomial sampling from
-  softmax(logits / T) with nucleus ``top_p`` (which the original read but ignored, REFERENCE §8 item 36) and no
-  top-k. Stop strings end generation through ``generate``'s ``stop_strings``; the answer is cut before them.
+  softmax(logits / T) with nucleus ``top_p`` (which the original read but ignored: docs/compatibility.md §12.36) and
+  no top-k. Stop strings end generation through ``generate``'s ``stop_strings``; the answer is cut before them.
 
 Nothing here truncates a prompt: one that leaves no room to generate is refused (``PromptTooLong``, which is the
-processor's ``PromptTooLongError``), so the ``<image>`` positions can never be cut (§8 item 36).
+processor's ``PromptTooLongError``), so the ``<image>`` positions can never be cut (docs/compatibility.md §12.36).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The model worker: serves one Ferret model over the original worker protocol (REFERENCE §6.2).
+"""The model worker: serves one Ferret model over the original worker protocol (docs/compatibility.md §11.2).
 
 Endpoints (POST, JSON):
 
@@ -24,10 +24,10 @@ Region features are read when the checkpoint has a region sampler (``region_geo_
 With a controller secret (``--register-secret`` or ``$FERRET_WORKER_SECRET``) the worker presents it when it
 registers and sends heartbeats.
 
-Differences from the original, on purpose: multimodality never depends on the model's name (§8 item 11); top_p is
-honoured; a missing ``stop`` is fine; a prompt that does not fit is refused instead of left-truncated through the
-``<image>`` (§8 item 36); the concurrency slot is released when the generation thread ends, also when the client
-disconnects or generation fails; heartbeats run in a daemon thread; any device (CUDA, MPS, CPU).
+Differences from the original, on purpose (docs/compatibility.md §12): multimodality never depends on the model's
+name (§12.11); top_p is honoured; a missing ``stop`` is fine; a prompt that does not fit is refused instead of
+left-truncated through the ``<image>`` (§12.36); the concurrency slot is released when the generation thread ends,
+also when the client disconnects or generation fails; heartbeats run in a daemon thread; any device (CUDA, MPS, CPU).
 
 Run::
 

@@ -1,4 +1,4 @@
-"""Training arguments: the original's flag names (REFERENCE §4.1), the paper recipe's values as defaults.
+"""Training arguments: the original's flag names (docs/compatibility.md §9.1), the paper recipe's values as defaults.
 
 Three dataclasses, parsed together by `transformers.HfArgumentParser`:
 
@@ -97,7 +97,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The GRIT-format training files (REFERENCE §3) and how their regions become text and masks."""
+    """The GRIT-format training files (docs/compatibility.md §6) and how their regions become text and masks."""
 
     data_path: list[str] | None = field(default=None, metadata={"help": "GRIT-format JSON files."})
     data_multiple: list[float] | None = field(
@@ -134,7 +134,8 @@ class DataArguments:
 @dataclass
 class TrainingExtras:
     """The original's training extras, and the paper recipe's values where they differ from transformers'
-    defaults. `TrainingArguments` is `transformers.TrainingArguments` with these fields added."""
+    defaults (docs/compatibility.md §9.2). `TrainingArguments` is `transformers.TrainingArguments` with these fields
+    added."""
 
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     optim: str = field(default="adamw_torch")

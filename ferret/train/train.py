@@ -8,8 +8,8 @@ One readable script, in the order it runs:
    Ferret checkpoint loads as is; ``--init_config`` builds a random model (tiny CPU runs). The CLIP tower is
    frozen and not a registered module, so ZeRO-3/FSDP never partition it (it is loaded outside ZeRO-3's
    ``zero.Init``) and it follows the LLM's device and dtype on every forward.
-3. ``configure_trainable``: REFERENCE §4.3 (freeze_backbone, tune_mm_mlp_adapter, freeze_mm_mlp_adapter), LoRA /
-   QLoRA through peft, gradient checkpointing.
+3. ``configure_trainable``: docs/compatibility.md §9.3 (freeze_backbone, tune_mm_mlp_adapter, freeze_mm_mlp_adapter),
+   LoRA / QLoRA through peft, gradient checkpointing.
 4. the data: `ferret.data.grit.GritDataset` + `FerretCollator`.
 5. ``train``: `FerretTrainer` (atomic checkpoints in the original layout, throughput logs), resuming from the
    latest COMPLETE ``checkpoint-N`` in ``--output_dir`` (or ``--resume_from_checkpoint PATH``; ``no`` starts
@@ -20,7 +20,7 @@ One readable script, in the order it runs:
 Distributed runs use what HF provides: ``deepspeed --num_gpus 8 --module ferret.train.train --deepspeed
 scripts/zero3.json ...`` or ``torchrun`` (DDP, DeepSpeed, or FSDP via ``--fsdp "full_shard auto_wrap"
 --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer``). Nothing hard-codes CUDA: on a machine without GPUs,
-torchrun processes talk over gloo (see ENVIRONMENT.md; there accelerate runs ``--fsdp`` as plain DDP).
+torchrun processes talk over gloo (docs/compatibility.md §9.4: there accelerate runs ``--fsdp`` as plain DDP).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _quantization_config(training_args: TrainingArguments):
                           "(or train with --bits 16)") from err
     from transformers import BitsAndBytesConfig
 
-    # The Ferret modules and lm_head stay in full precision (REFERENCE §4.3).
+    # The Ferret modules and lm_head stay in full precision (docs/compatibility.md §9.3).
     skip = ["mm_projector", "region_geo_sampler", "lm_head"]
     if training_args.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -341,7 +341,7 @@ def load_projector(model, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- 3. what trains
 def configure_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """REFERENCE §4.3: the whole LLM + projector + sampler by default; the CLIP tower never trains."""
+    """docs/compatibility.md §9.3: the whole LLM + projector + sampler by default; the CLIP tower never trains."""
     model.config.use_cache = False
     model.requires_grad_(True)
     if model_args.freeze_backbone:

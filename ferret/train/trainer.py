@@ -2,7 +2,7 @@
 
 What it adds to the HF Trainer, and nothing else:
 
-* **Checkpoint layout** (REFERENCE §4.4): ``checkpoint-N/`` holds the model (safetensors) + config.json + the
+* **Checkpoint layout** (docs/compatibility.md §1.5): ``checkpoint-N/`` holds the model (safetensors), config.json, the
   tokenizer + preprocessor_config.json (the processor is the Trainer's ``processing_class``) + ``vision_tower/``
   when ``save_vision_tower`` is set, plus HF's optimizer/scheduler/RNG/trainer state. In LoRA mode a checkpoint
   is the adapter + config.json + ``non_lora_trainables.bin`` (the layout ``load_pretrained_model`` reads); in

@@ -1,6 +1,6 @@
 """Peak memory and wall time of the streaming `apply_delta` against the naive whole-state-dict approach.
 
-Usage:
+Usage (with the ferret package installed, e.g. `pip install -e .`):
     python scripts/bench/bench_apply_delta.py                 # a ~1B-parameter LLaMA-shaped model
     python scripts/bench/bench_apply_delta.py --params 0.3e9  # quicker
     python scripts/bench/bench_apply_delta.py --params 7e9 --workdir /big/disk   # Ferret-7B sized (~55 GB disk)
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,12 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
 VOCAB = 32000
-CLIP_WIDTH = 1024
-SUB_POINTS = 32
 
 
 def llama_dims(params: float) -> tuple[int, int, int]:
@@ -50,32 +44,20 @@ def llama_dims(params: float) -> tuple[int, int, int]:
 
 
 def shapes(hidden: int, ffn: int, layers: int, vocab: int, multimodal: bool) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in "qkvo":
-            out[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        out[p + "mlp.gate_proj.weight"] = (ffn, hidden)
-        out[p + "mlp.up_proj.weight"] = (ffn, hidden)
-        out[p + "mlp.down_proj.weight"] = (hidden, ffn)
-        out[p + "input_layernorm.weight"] = (hidden,)
-        out[p + "post_attention_layernorm.weight"] = (hidden,)
-    out["model.norm.weight"] = (hidden,)
-    out["lm_head.weight"] = (vocab, hidden)
-    if multimodal:
-        c = CLIP_WIDTH
-        out["model.mm_projector.weight"] = (hidden, c)
-        out["model.mm_projector.bias"] = (hidden,)
-        for i in (0, 1):
-            g = f"model.region_geo_sampler.diff_projector_list.{i}."
-            out[g + "weight"], out[g + "bias"] = (c + 2, c + 2), (c + 2,)
-            a = f"model.region_geo_sampler.agg_projector_list.{i}."
-            out[a + "net.0.weight"], out[a + "net.0.bias"] = (c, 2 * (c + 2), 1), (c,)
-            out[a + "norm.weight"], out[a + "norm.bias"] = (c,), (c,)
-        s = "model.region_geo_sampler."
-        out[s + "flatten_projector.weight"], out[s + "flatten_projector.bias"] = (c, c * SUB_POINTS), (c,)
-        out[s + "dim_projector.weight"], out[s + "dim_projector.bias"] = (hidden, c), (hidden,)
-    return out
+    """The state-dict shapes of a Ferret model of these sizes, read off the model class built on the meta device
+    (nothing is allocated); without `multimodal` only the LLaMA tensors, as in a Vicuna base."""
+    import torch
+
+    from ferret.model.apply_delta import is_multimodal
+    from ferret.model.configuration import FerretConfig
+    from ferret.model.modeling import FerretLlamaForCausalLM
+
+    config = FerretConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=max(1, hidden // 128), vocab_size=vocab, im_region_fea_token=vocab - 1,
+                          mm_vision_tower=None)
+    with torch.device("meta"):
+        model = FerretLlamaForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if multimodal or not is_multimodal(name)}
 
 
 def write_random_checkpoint(folder: Path, tensor_shapes: dict[str, tuple[int, ...]], seed: int, shard: str) -> int:
@@ -154,10 +136,9 @@ def child(job: str, job_args: list[str]) -> None:
 
 def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of `cmd`, a child that prints PEAK_RSS_KIB as its last line."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with open(log, "w") as out:
         start = time.perf_counter()
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
     text = log.read_text()
     if rc != 0 or "PEAK_RSS_KIB" not in text:

@@ -26,9 +26,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
-
 from ferret.data.grit import DataOptions, FerretCollator, GritDataset  # noqa: E402
 from ferret.data.toy import make_world, train_toy_tokenizer, world_corpus  # noqa: E402
 from ferret.processing import FerretProcessor  # noqa: E402

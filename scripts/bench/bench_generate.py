@@ -21,19 +21,23 @@ their share of TTFT is visible. Medians over ``--repeats`` calls after one warm-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-import synthetic as S  # noqa: E402
-from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+# The benchmarks' shared helpers, scripts/bench/synthetic.py, loaded by path from beside this file (registered in
+# sys.modules before it runs, as its dataclasses need).
+_SPEC = importlib.util.spec_from_file_location("bench_synthetic", Path(__file__).with_name("synthetic.py"))
+S = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(S)
 
 
 class StepClock(LogitsProcessor):
@@ -120,14 +124,7 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.config, args.batch_sizes, args.new_tokens, args.repeats, args.prompt_tokens = "small", "1,4", 16, 1, 96
-    if args.quick and not args.threads:
-        args.threads = 1  # on a shared CPU, one thread avoids OpenMP threads waiting on each other
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = S.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    config = S.bench_config(args.config, args.layers, args.hidden, args.vision_layers)
-    S.refuse_large_on_cpu(config, device, "bench_generate")
+    device, dtype, config = S.setup(args, "bench_generate")
     model = S.build_bench_model(config, device, dtype, args.attn, args.seed).eval()
     rng = np.random.default_rng(args.seed)
 

@@ -7,7 +7,8 @@ It builds a tiny checkpoint in a temporary folder, starts ``python -m ferret.ser
 and measures, from outside the server process:
   * a ``--body-mb`` body, sent with an honest Content-Length and again chunked (no length): the status, the time to
     the answer, how many bytes the client got to send, and the server's peak RSS (VmHWM) before and after;
-  * the RLE bomb (a 146-byte COCO RLE declaring 10^6 x 10^6 pixels): status and response time (median of 5);
+  * the RLE bomb (a COCO RLE of a few hundred bytes declaring 10^6 x 10^6 pixels): status and response time
+    (median of 5);
   * ``--help`` of the api, controller and model_worker modules: wall time of each.
 Prints one JSON object.
 """
@@ -15,6 +16,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -25,10 +27,24 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+# The benchmarks' shared helpers, scripts/bench/synthetic.py, loaded by path from beside this file (registered in
+# sys.modules before it runs, as its dataclasses need).
+_SPEC = importlib.util.spec_from_file_location("bench_synthetic", Path(__file__).with_name("synthetic.py"))
+S = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(S)
 
-from serve_helpers import free_port, make_checkpoint, make_image, python_env, rle_bomb  # noqa: E402
+
+def child_env() -> dict[str, str]:
+    """This environment (so the children import the same ferret) without proxies, offline, one thread each."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def vm(pid: int, key: str) -> int:
@@ -60,6 +76,9 @@ def oversized(port: int, total: int, chunked: bool) -> dict:
                 sock.sendall(frame)
                 sock.setblocking(False)
                 sent += len(piece)
+            if chunked and not reply:  # the whole body went through: end it, or the server waits for more
+                sock.setblocking(True)
+                sock.sendall(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
         sock.setblocking(True)
@@ -82,18 +101,15 @@ def main() -> None:
     args = parser.parse_args()
     import httpx
 
-    from ferret.data.toy import train_toy_tokenizer
     from ferret.serve.protocol import encode_image
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = train_toy_tokenizer(Path(tmp) / "tok", ["What is this? a red circle [1, 2, 3, 4]"] * 20,
-                                        vocab_size=320)
-        checkpoint = make_checkpoint(Path(tmp) / "tiny-ferret", str(tokenizer))
+        checkpoint = S.save_tiny_checkpoint(Path(tmp) / "tiny-ferret", ["What is this? a red circle [1, 2, 3, 4]"] * 20)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "ferret.serve.api", "--model-path", checkpoint, "--port",
-                                   str(port), "--device", "cpu", "--log-level", "warning"], cwd=REPO,
-                                  env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   str(port), "--device", "cpu", "--log-level", "warning"],
+                                  env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
@@ -114,8 +130,10 @@ def main() -> None:
                 results[f"body_{args.body_mb}mb_chunked"] = oversized(port, total, chunked=True)
                 results["server_peak_rss_mib_after"] = round(vm(server.pid, "VmHWM") / 1024, 1)
 
-                image = "data:image/png;base64," + encode_image(make_image())
-                body = {"messages": [{"role": "user", "regions": [rle_bomb()],
+                image = "data:image/png;base64," + encode_image(S.random_image())
+                bomb = S.rle_bomb_region()
+                results["rle_bomb_counts_bytes"] = len(bomb["rle"]["counts"])
+                body = {"messages": [{"role": "user", "regions": [bomb],
                                       "content": [{"type": "text", "text": "What is <region0>?"},
                                                   {"type": "image_url", "image_url": {"url": image}}]}]}
                 times, statuses = [], set()
@@ -132,7 +150,7 @@ def main() -> None:
 
     for module in ("api", "controller", "model_worker"):
         started = time.monotonic()
-        subprocess.run([sys.executable, "-m", f"ferret.serve.{module}", "--help"], cwd=REPO, env=python_env(),
+        subprocess.run([sys.executable, "-m", f"ferret.serve.{module}", "--help"], env=child_env(),
                        stdout=subprocess.DEVNULL, check=True, timeout=120)
         results[f"help_seconds_{module}"] = round(time.monotonic() - started, 2)
     print(json.dumps(results, indent=2))

@@ -11,26 +11,25 @@ The sequences imitate what FerretProcessor.encode writes for a GRIT-style referr
     "ASSISTANT:" answer "</s>"  (labels = the answer only)
 
 Token ids are random (the benchmarks measure speed, not text). Lengths are synthetic: a log-normal around a median
-text length, not measured on GRIT.
+text length, not measured on GRIT. For the serving benchmarks it also makes a tiny saved checkpoint, random images
+and an RLE bomb (a mask region that declares 10^12 pixels in a few hundred bytes).
+
+The benchmarks import the installed ``ferret`` package (``pip install -e .``, or ``PYTHONPATH`` pointing at the
+repository) and load this file by its path, next to theirs: it is not a package module.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
-import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from ferret import regions as R  # noqa: E402
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
@@ -60,6 +59,20 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def setup(args, what: str) -> tuple[torch.device, torch.dtype, FerretConfig]:
+    """Threads, device, dtype and model config from the options of `add_model_arguments` plus ``--threads`` and
+    ``--quick`` (which means one thread unless told otherwise); refuses a 7B/13B decoder on CPU."""
+    if args.quick and not args.threads:
+        args.threads = 1  # on a shared CPU, one thread avoids OpenMP threads waiting on each other
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    config = bench_config(args.config, args.layers, args.hidden, args.vision_layers)
+    refuse_large_on_cpu(config, device, what)
+    return device, dtype, config
 
 
 def bench_config(name: str, layers: int | None = None, hidden: int | None = None,
@@ -253,3 +266,44 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- serving inputs
+
+
+def save_tiny_checkpoint(folder: Path, corpus: list[str]) -> str:
+    """A tiny random Ferret (56 px images, 16 image tokens, context 512) with a toy tokenizer trained on
+    ``corpus``, saved into ``folder`` as a checkpoint the servers load; returns its path."""
+    from transformers import AutoTokenizer
+
+    from ferret.data.toy import train_toy_tokenizer
+    from ferret.model.configs import build_model
+    from ferret.processing import FerretProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(train_toy_tokenizer(folder / "tokenizer", corpus, vocab_size=320))
+    processor = FerretProcessor(tokenizer, image_size=56, num_image_tokens=16, model_max_length=512)
+    config = small(len(processor.tokenizer), region_token=processor.region_token_id)
+    build_model(config).eval().save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return str(folder / "model")
+
+
+def random_image(width: int = 64, height: int = 48, seed: int = 0):
+    """An RGB PIL image of uniform random pixels."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def rle_bomb_region(side: int = 1_000_000, runs: int = 250) -> dict:
+    """A well-formed mask region whose COCO RLE declares ``side`` x ``side`` pixels (10^12 by default) in a few
+    hundred bytes: ``runs`` equal runs that sum to side^2, compressed by pycocotools without decoding anything."""
+    from pycocotools import mask as mask_utils
+
+    total = side * side
+    if total % runs or total // runs >= 2**32:
+        raise ValueError(f"{runs} equal runs of 32-bit length cannot cover {side} x {side} pixels")
+    rle = mask_utils.frPyObjects({"counts": [total // runs] * runs, "size": [side, side]}, side, side)
+    return {"type": "mask", "rle": {"size": [side, side], "counts": rle["counts"].decode("ascii")}}
