@@ -23,6 +23,8 @@ import torch
 
 from ferret.train.trainer import (
     FerretTrainer,
+    SealCheckpointCallback,
+    checkpoint_problems,
     is_complete_checkpoint,
     latest_checkpoint,
     non_lora_trainables,
@@ -185,7 +187,9 @@ def test_shipped_deepspeed_configs_and_scripts():
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def _fake_checkpoint(path: Path, state=True, weights=True):
+def _fake_checkpoint(path: Path, state=True, weights=True, sealed=True):
+    from ferret.model.checkpoint import write_manifest
+
     path.mkdir(parents=True)
     if state:
         (path / "trainer_state.json").write_text("{}")
@@ -193,19 +197,46 @@ def _fake_checkpoint(path: Path, state=True, weights=True):
         from safetensors.torch import save_file
 
         save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+    if sealed:
+        write_manifest(path)
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path, caplog):
     _fake_checkpoint(tmp_path / "checkpoint-5")
     _fake_checkpoint(tmp_path / "checkpoint-20", state=False)
     _fake_checkpoint(tmp_path / "checkpoint-15", weights=False)
+    _fake_checkpoint(tmp_path / "checkpoint-25", sealed=False)  # every file there, but the save never finished
     _fake_checkpoint(tmp_path / "tmp-checkpoint-30")
     _fake_checkpoint(tmp_path / "checkpoint-3")
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5")
-    assert sum("incomplete" in r.getMessage() for r in caplog.records) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("incomplete: no trainer_state.json or no model weights" in m for m in messages) == 2
+    assert any("checkpoint-25: no manifest.json: the save did not finish" in m for m in messages), messages
+    assert checkpoint_problems(str(tmp_path / "checkpoint-25")) == []  # given explicitly, it is checked by format
     assert not is_complete_checkpoint(str(tmp_path / "checkpoint-20"))
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_rotation_deletes_only_sealed_checkpoints_after_the_new_one_is_sealed(tmp_path):
+    """save_total_limit=1: sealing checkpoint-6 deletes the sealed 2 and 4, never the unsealed 8 (a save under
+    way elsewhere); before 6 is sealed, nothing is deleted, so the newest sealed checkpoint always survives."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
+    _fake_checkpoint(tmp_path / "checkpoint-6", sealed=False)
+    _fake_checkpoint(tmp_path / "checkpoint-8", sealed=False)
+    callback = SealCheckpointCallback(save_total_limit=1)
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    state = SimpleNamespace(global_step=6, is_local_process_zero=True, best_model_checkpoint=None)
+    callback.on_save(args, state, TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert (tmp_path / "checkpoint-6" / "manifest.json").is_file()
+    assert not (tmp_path / "checkpoint-8" / "manifest.json").exists()
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
 
 
 def test_non_lora_trainables_use_plain_names():
