@@ -351,30 +351,30 @@ def test_trained_checkpoint_loads_and_generates(single_run, world):
 
 
 def test_interrupted_save_keeps_previous_checkpoint_and_resume_matches(single_run, world, tmp_path, monkeypatch):
-    """The save of step 8 dies after the weights are written: checkpoint-4 stays the latest; the restart resumes
-    from it and reproduces the uninterrupted run's losses."""
+    """The save of step 8 dies after the weights are written (before its RNG state): checkpoint-8 has no manifest,
+    so checkpoint-4 stays the latest; the restart resumes from it and reproduces the uninterrupted run's losses."""
     from ferret.train.train import main
 
     reference, args = single_run
     out = tmp_path / "run"
     args = [str(out) if a == str(reference) else a for a in args]
-    original = FerretTrainer._save_rng_state
+    real_save = torch.save
 
-    def dies_at_step_8(self, output_dir):
-        if self.state.global_step == 8:
+    def dies_at_step_8(obj, f, *a, **k):
+        if str(f).endswith(os.path.join("checkpoint-8", "rng_state.pth")):
             raise RuntimeError("simulated crash while saving")
-        return original(self, output_dir)
+        return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(FerretTrainer, "_save_rng_state", dies_at_step_8)
+    monkeypatch.setattr(torch, "save", dies_at_step_8)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(args)
-    assert (out / "tmp-checkpoint-8" / "model.safetensors").is_file()  # half-written, never published
-    assert not (out / "checkpoint-8").exists()
+    assert (out / "checkpoint-8" / "model.safetensors").is_file()  # written, but the save never finished
+    assert not (out / "checkpoint-8" / "manifest.json").exists()
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-4")
 
-    monkeypatch.setattr(FerretTrainer, "_save_rng_state", original)
+    monkeypatch.setattr(torch, "save", real_save)
     assert main(args) == 0
-    assert not (out / "tmp-checkpoint-8").exists() and is_complete_checkpoint(str(out / "checkpoint-8"))
+    assert checkpoint_problems(str(out / "checkpoint-8"), require_manifest=True) == []  # saved again, sealed
     resumed, expected = _losses(out), _losses(reference)
     assert sorted(resumed) == sorted(expected)
     for step in expected:
