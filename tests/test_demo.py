@@ -13,7 +13,8 @@ from ferret.demo import TINY  # noqa: E402 - the `ferret demo --tiny` settings: 
 
 @pytest.mark.slow
 def test_run_demo_writes_every_output(tmp_path):
-    from ferret.demo import HEADLINE, random_vision_tower, run_demo, sincos_position_table
+    from ferret.demo import HEADLINE, run_demo
+    from ferret.train.tower_pretraining import random_vision_tower, sincos_position_table
     from ferret.model.builder import load_pretrained_model
 
     out = tmp_path / "demo"
@@ -56,9 +57,9 @@ def test_run_demo_writes_every_output(tmp_path):
     stage0 = CLIPVisionModel.from_pretrained(str(tower_dir))
     for (name, trained), (_, saved) in zip(clip.state_dict().items(), stage0.state_dict().items()):
         torch.testing.assert_close(trained, saved, msg=name)
-    position = getattr(clip, "vision_model", clip).embeddings.position_embedding.weight
+    position = model.vision_tower.position_table()
     side = metrics["config"]["image_size"] // metrics["config"]["patch_size"]
-    torch.testing.assert_close(position[1:], sincos_position_table(side, position.shape[1]))
+    torch.testing.assert_close(position, sincos_position_table(side, position.shape[1]))
     # ... while stage 0 did train the rest of it.
     vision_config = json.loads((out / "model_config.json").read_text())["vision_config"]
     random = random_vision_tower(vision_config, metrics["config"]["seed"])
@@ -108,7 +109,7 @@ def test_stage_banners_say_what_when_and_how_long(capsys):
 
 
 def test_sincos_position_table_tells_patches_apart():
-    from ferret.demo import sincos_position_table
+    from ferret.train.tower_pretraining import sincos_position_table
 
     table = sincos_position_table(4, 64)
     assert table.shape == (16, 64)

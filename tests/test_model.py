@@ -217,3 +217,26 @@ def test_sdpa_matches_eager(small_config, processor):
     sdpa = build_model(small_config).eval()
     with torch.no_grad():
         assert torch.allclose(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-4)
+
+
+def test_tower_position_table_and_unfreeze(model):
+    """What pretraining a tower needs from the vision module: replace the patches' position table (CLS row
+    zeroed), and unfreeze the CLIP weights with or without that table."""
+    import copy
+
+    tower = copy.deepcopy(model.vision_tower)
+    n, dim = tower.num_patches, tower.hidden_size
+    table = torch.arange(n * dim, dtype=torch.float32).reshape(n, dim)
+    tower.set_position_table(table)
+    assert torch.equal(tower.position_table(), table)
+    weight = next(v for k, v in tower.state_dict().items() if k.endswith("embeddings.position_embedding.weight"))
+    assert weight.shape == (n + 1, dim) and not weight[0].any()
+    with pytest.raises(ValueError, match=rf"a position table for this tower is \[{n}, {dim}\], got \[3, {dim}\]"):
+        tower.set_position_table(torch.zeros(3, dim))
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.unfreeze(fixed_positions=True)
+    frozen = [name for name, p in tower.named_parameters() if not p.requires_grad]
+    assert len(frozen) == 1 and frozen[0].endswith("embeddings.position_embedding.weight")
+    tower.unfreeze()
+    assert all(p.requires_grad for p in tower.parameters())
+    assert all(not p.requires_grad for p in model.vision_tower.parameters())  # the model's own stays frozen

@@ -547,7 +547,7 @@ def test_deepspeed_zero2_killed_run_resumes_to_the_same_losses(world, tmp_path):
     out = tmp_path / "killed"
     process = _torchrun(_deepspeed_args(world, out, 2, steps, "init"), popen=True)
     deadline = time.time() + 600
-    while not (out / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+    while not (out / "checkpoint-3" / "manifest.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     killed = process.poll() is None
     _kill_run(process)
