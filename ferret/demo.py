@@ -7,7 +7,7 @@ The demo runs the framework's real entry points, in stages, each announced with 
 2. stage 0, ``ferret.train.tower_pretraining``: the small CLIP-shaped tower learns to see the world (the stand-in
    for CLIP pretraining; frozen afterwards, as in Ferret). Cached under ``vision_tower/<key>/``, the key a hash of the tower's
    settings and of the world's training split, so a second run skips it;
-3. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configs.small`
+3. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configuration.small`
    fields written by the demo), on CPU, seeded and deterministic, with tensorboard logs and a checkpoint every
    ``save_steps``: an interrupted demo resumes from the last one when run again with the same settings;
 4. ``ferret.eval.toy`` ``infer`` + ``score``: greedy answers to every test question, then the toy metrics;
@@ -103,7 +103,7 @@ class DemoConfig:
     max_size_fraction: float = 0.5
     vocab_size: int = 512
     world_seed: int = 0
-    # The model (ferret.model.configs.small).
+    # The model (ferret.model.configuration.small).
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -351,7 +351,7 @@ def tower_recipe(config: DemoConfig) -> "TowerPretrainingConfig":
 
 
 def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> tuple[Path, dict]:
-    """The ``--init_config`` JSON: the size fields of `ferret.model.configs.small` for this tokenizer.
+    """The ``--init_config`` JSON: the size fields of `ferret.model.configuration.small` for this tokenizer.
 
     Only sizes go in the file: the trainer's own flags (``--add_region_feature``, ``--vision_tower`` ...) must not
     be overridden. Returns (path, the vision tower's CLIP config).
@@ -359,7 +359,7 @@ def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> t
     from transformers import AutoTokenizer
 
     from ferret.constants import REGION_TOKEN
-    from ferret.model.configs import small
+    from ferret.model.configuration import small
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     vocab = len(tokenizer) + (0 if REGION_TOKEN in tokenizer.get_vocab() else 1)  # <region_fea> is appended

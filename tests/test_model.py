@@ -9,9 +9,8 @@ from PIL import Image
 
 from ferret.constants import IGNORE_INDEX
 from ferret.model.builder import load_pretrained_model
-from ferret.model.configs import build_model, ferret_7b, ferret_13b, small
-from ferret.model.configuration import FerretConfig
-from ferret.model.modeling import FerretLlamaForCausalLM
+from ferret.model.configuration import FerretConfig, ferret_7b, ferret_13b, small
+from ferret.model.modeling import FerretLlamaForCausalLM, build_model
 from ferret.regions import Box, Point
 
 

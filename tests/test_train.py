@@ -40,7 +40,8 @@ def world(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from ferret.data.toy import make_world, train_toy_tokenizer, world_corpus
-    from ferret.model.configs import build_model, small
+    from ferret.model.configuration import small
+    from ferret.model.modeling import build_model
     from ferret.processing import FerretProcessor
 
     root = tmp_path_factory.mktemp("world")

@@ -415,5 +415,15 @@ class FerretLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
 
+def build_model(config: FerretConfig, seed: int | None = 0) -> FerretLlamaForCausalLM:
+    """A randomly initialised model with its vision tower (from ``config.vision_config``), in fp32 on CPU; real
+    weights come through `ferret.model.builder.load_pretrained_model`."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = FerretLlamaForCausalLM(config)
+    model.load_vision_tower()
+    return model
+
+
 AutoConfig.register("ferret", FerretConfig)
 AutoModelForCausalLM.register(FerretConfig, FerretLlamaForCausalLM)

@@ -37,7 +37,7 @@ class TowerPretrainingConfig:
     Args:
         steps: optimiser steps.
         batch_size: images per step, drawn with replacement from the training split.
-        learning_rate: peak learning rate of the one-cycle schedule (5% warm-up).
+        learning_rate: peak learning rate of the one-cycle schedule (5% warm-up, at least 2 steps).
         box_weight: weight of the patch-centre and box L1 losses beside the name cross-entropy.
         seed: seeds the tower's initialisation, the head and the batches.
         bf16: run the forward pass under bf16 autocast (weights stay fp32).
@@ -49,6 +49,19 @@ class TowerPretrainingConfig:
     box_weight: float = 0.5
     seed: int = 0
     bf16: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TowerPretrainingConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.steps < 3:
+            raise ValueError(f"TowerPretrainingConfig.steps must be at least 3 (a warm-up and a decay), got {self.steps}")
+
+    @property
+    def warmup_fraction(self) -> float:
+        """5% of the steps, but at least 2 steps (at most half): OneCycleLR divides by (warm-up steps - 1), so
+        e.g. 20 steps at 5% would fail."""
+        return min(0.5, max(0.05, 2 / self.steps))
 
 
 @dataclass
@@ -138,7 +151,7 @@ def train_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTa
     params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
-                                                   total_steps=config.steps, pct_start=0.05)
+                                                   total_steps=config.steps, pct_start=config.warmup_fraction)
     generator = torch.Generator().manual_seed(config.seed)
 
     def loss_of(pixels, shares, boxes):
