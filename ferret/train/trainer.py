@@ -236,11 +236,12 @@ class FerretTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """HF's `save_model` in Ferret's layout (see the module docstring). Collective: call it on every rank.
 
-        A checkpoint save (``_internal_call``) first merges every rank's skipped records into the state it writes,
-        and clears what an earlier, interrupted save of the same step left in the folder (HF writes into it).
+        A checkpoint save (``_internal_call`` into a ``checkpoint-N`` folder) first merges every rank's skipped
+        records into the state it writes, and clears what an earlier, interrupted save of the same step left in the
+        folder (HF writes into it).
         """
         output_dir = output_dir or self.args.output_dir
-        if _internal_call:
+        if _internal_call and CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
             self.flush_skipped_records()  # the checkpoint's state names every record skipped up to this step
             if self.args.should_save and os.path.isdir(output_dir):
                 logger.warning("replacing %s: an earlier (torn or superseded) save of this step", output_dir)
