@@ -239,3 +239,21 @@ def test_tower_position_table_and_unfreeze(model):
     tower.unfreeze()
     assert all(p.requires_grad for p in tower.parameters())
     assert all(not p.requires_grad for p in model.vision_tower.parameters())  # the model's own stays frozen
+
+
+def test_model_is_built_through_its_parents_and_keeps_the_tower_unregistered(model):
+    """The model comes from LlamaPreTrainedModel's constructor and GenerationMixin; the tower is no sub-module (so
+    no parameter or state-dict key of it), yet a copy carries its own tower and `.half()` moves it."""
+    import copy
+
+    from transformers import GenerationMixin
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    assert isinstance(model, LlamaPreTrainedModel) and isinstance(model, GenerationMixin) and model.can_generate()
+    assert not [name for name, _ in model.named_modules() if "vision_tower" in name or "_tower" in name]
+    tower_ids = {id(p) for p in model.vision_tower.parameters()}
+    assert not tower_ids & {id(p) for p in model.parameters()}
+    twin = copy.deepcopy(model).half()
+    assert twin.vision_tower is not model.vision_tower
+    assert twin.vision_tower.dtype == torch.float16 and model.vision_tower.dtype != torch.float16
+    assert twin.vision_tower.device == twin.model.embed_tokens.weight.device

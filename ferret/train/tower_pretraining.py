@@ -52,10 +52,12 @@ class TowerPretrainingConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TowerPretrainingConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TowerPretrainingConfig.{name} must be a positive integer, got {value!r}")
         if self.steps < 3:
-            raise ValueError(f"TowerPretrainingConfig.steps must be at least 3 (a warm-up and a decay), got {self.steps}")
+            raise ValueError(
+                f"TowerPretrainingConfig.steps must be at least 3 (a warm-up and a decay), got {self.steps}")
 
     @property
     def warmup_fraction(self) -> float:
@@ -175,7 +177,8 @@ def train_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTa
     tower.requires_grad_(False)
 
 
-def score_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTargets, classes: int) -> dict[str, float]:
+def score_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTargets,
+                classes: int) -> dict[str, float]:
     """On ``data``: the share of patches (and of object patches) whose majority name the head gets right, and the
     mean error of the box corners in pixels."""
     import torch
