@@ -168,7 +168,9 @@ class FerretTrainer(Trainer):
 
     # ------------------------------------------------------------------ throughput and data-quality logs
     def _get_train_sampler(self, train_dataset=None):
-        # Length grouping reads the dataset's cheap length estimates instead of building every item.
+        # Length grouping reads the dataset's cheap length estimates instead of building every item. The one
+        # private Trainer method overridden here: HF takes lengths only from a `datasets` column (or by building
+        # every item) and has no public way to pass them or a sampler.
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             from transformers.trainer_pt_utils import LengthGroupedSampler
