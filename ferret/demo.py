@@ -4,10 +4,10 @@ The demo runs the framework's real entry points, in stages, each announced with 
 
 1. ``ferret.data.toy``: the world (GRIT-format train/test JSON + PNGs) and a 512-piece tokenizer trained on it;
    reused when ``world/demo_world.json`` records the same settings;
-2. stage 0, `pretrain_vision_tower`: the small CLIP-shaped tower learns to see the world (the stand-in for CLIP
-   pretraining; frozen afterwards, as in Ferret). Cached under ``vision_tower/<key>/``, the key a hash of the tower's
+2. stage 0, ``ferret.train.tower_pretraining``: the small CLIP-shaped tower learns to see the world (the stand-in
+   for CLIP pretraining; frozen afterwards, as in Ferret). Cached under ``vision_tower/<key>/``, the key a hash of the tower's
    settings and of the world's training split, so a second run skips it;
-3. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configs.small`
+3. ``ferret.train.train.main``: the HF-Trainer recipe with ``--init_config`` (a JSON of `ferret.model.configuration.small`
    fields written by the demo), on CPU, seeded and deterministic, with tensorboard logs and a checkpoint every
    ``save_steps``: an interrupted demo resumes from the last one when run again with the same settings;
 4. ``ferret.eval.toy`` ``infer`` + ``score``: greedy answers to every test question, then the toy metrics;
@@ -60,9 +60,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import CLIPVisionModel
 
     from ferret.data.toy import WorldConfig
+    from ferret.train.tower_pretraining import TowerPretrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DemoConfig:
     max_size_fraction: float = 0.5
     vocab_size: int = 512
     world_seed: int = 0
-    # The model (ferret.model.configs.small).
+    # The model (ferret.model.configuration.small).
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -114,7 +114,7 @@ class DemoConfig:
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
-    # Stage 0: the vision tower (see pretrain_vision_tower). 1,000 steps (was 1,500) and 1,000 training steps (was
+    # Stage 0: the vision tower (see ferret.train.tower_pretraining). 1,000 steps (was 1,500) and 1,000 training steps (was
     # 1,500) with bf16 autocast keep `make demo` within 12 minutes on one core.
     tower_steps: int = 1000
     tower_batch_size: int = 64
@@ -341,141 +341,17 @@ def prepare_world(world_dir: Path, config: DemoConfig) -> tuple[Path, Path, bool
     return world_dir, tokenizer_dir, False
 
 
-def sincos_position_table(side: int, dim: int) -> "torch.Tensor":
-    """A 2-D sine-cosine position table [side * side, dim] (row-major patches; x in the first half of the
-    channels, y in the second), values in [-1, 1]."""
-    import torch
+def tower_recipe(config: DemoConfig) -> "TowerPretrainingConfig":
+    """The demo's settings for stage 0 (`ferret.train.tower_pretraining`)."""
+    from ferret.train.tower_pretraining import TowerPretrainingConfig
 
-    quarter = dim // 4
-    if quarter < 1:
-        raise ValueError(f"a 2-D sin-cos table needs at least 4 channels, got {dim}")
-    omega = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
-    x, y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega
-    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
-
-
-def random_vision_tower(vision_config: dict, seed: int) -> "CLIPVisionModel":
-    """A randomly initialised CLIP vision model whose position embedding is a fixed 2-D sin-cos table.
-
-    CLIP's random init gives the position embedding the same small scale (std 0.02) as the patch weights, so after
-    the pre-LayerNorm a patch feature says almost nothing about WHERE the patch is (a linear probe recovers the
-    patch column/row with R^2 ~0.1-0.3). A unit-scale sin-cos table makes position plain from the start
-    (R^2 > 0.98); `pretrain_vision_tower` keeps it fixed.
-    """
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    model = CLIPVisionModel(CLIPVisionConfig(**vision_config))
-    side = vision_config["image_size"] // vision_config["patch_size"]
-    embedding = getattr(model, "vision_model", model).embeddings
-    with torch.no_grad():
-        weight = embedding.position_embedding.weight  # [1 + side * side, hidden]: CLS first
-        weight.zero_()
-        weight[1:] = sincos_position_table(side, weight.shape[1])
-    return model
-
-
-def pretrain_vision_tower(path: Path, vision_config: dict, world_dir: Path, tokenizer_dir: Path,
-                          config: DemoConfig) -> dict[str, Any]:
-    """Stage 0, the toy world's stand-in for CLIP pretraining; writes the tower to ``path`` (a CLIPVisionModel).
-
-    Ferret reads a FROZEN, pretrained CLIP. A frozen random tower is no stand-in for it: its patch features tell
-    colours apart but hardly shapes (a linear probe on them names the object under an object patch 30% of the
-    time; colour alone gives 25%), and a tiny LLM reading them learns colours but not shapes. So the demo first trains the tower, on the world's
-    training images only, to say under every patch (on the features Ferret reads, the penultimate layer) which
-    object names cover it (soft cross-entropy over background + every name), where the patch is (its centre) and
-    the box of the object covering most of it (L1, weighted ``tower_box_weight``). A linear head reads the three
-    and is thrown away. Then the tower is frozen, as in Ferret.
-
-    Returns what was measured: steps, seconds, and on the test images, the share of patches (and of object
-    patches) whose majority name the head gets right, and the mean error of the box corners in pixels.
-    """
-    import numpy as np
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from ferret.data.toy import patch_targets
-    from ferret.eval.toy import load_records
-    from ferret.model.vision import CLIPVisionTower
-    from ferret.processing import FerretProcessor
-
-    side, patch = vision_config["image_size"], vision_config["patch_size"]
-    grid = side // patch
-    names = world_config(config).names
-    processor = FerretProcessor(AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_size=side,
-                                num_image_tokens=grid * grid)
-
-    def load(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels, shares, boxes = [], [], []
-        for record in load_records(world_dir / f"{split}.json"):
-            image = Image.open(world_dir / record["image"]).convert("RGB")
-            pixels.append(processor.preprocess_image(image))
-            record_shares, record_boxes = patch_targets(record, np.asarray(image), names, side, patch)
-            shares.append(torch.from_numpy(record_shares))
-            boxes.append(torch.from_numpy(record_boxes))
-        return torch.stack(pixels), torch.stack(shares), torch.stack(boxes)
-
-    start = time.perf_counter()
-    train_pixels, train_shares, train_boxes = load("train")
-    tower = CLIPVisionTower(random_vision_tower(vision_config, config.seed))
-    tower.vision_tower.requires_grad_(True)
-    getattr(tower.vision_tower, "vision_model", tower.vision_tower).embeddings.position_embedding.requires_grad_(False)
-    classes = 1 + len(names)
-    head = torch.nn.Linear(tower.hidden_size, classes + 2 + 4)
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    centres = (torch.stack([xs, ys], dim=-1).reshape(grid * grid, 2).float() + 0.5) / grid
-    params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.tower_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.tower_learning_rate,
-                                                   total_steps=config.tower_steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def loss_of(pixels, shares, boxes):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            out = head(tower.features(pixels)).float()
-        foreground = shares.argmax(-1) > 0
-        name_loss = -(shares * out[..., :classes].log_softmax(-1)).sum(-1).mean()
-        place_loss = (out[..., classes:classes + 2] - centres).abs().mean()
-        box_loss = (out[..., classes + 2:][foreground] - boxes[foreground]).abs().mean() if foreground.any() else 0
-        return name_loss + config.tower_box_weight * (place_loss + box_loss)
-
-    bar = tqdm(range(config.tower_steps), desc="vision tower", unit="step")
-    for _ in bar:
-        index = torch.randint(len(train_pixels), (config.tower_batch_size,), generator=generator)
-        loss = loss_of(train_pixels[index], train_shares[index], train_boxes[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - start
-
-    test_pixels, test_shares, test_boxes = load("test")
-    with torch.no_grad():
-        out = torch.cat([head(tower.features(chunk)) for chunk in test_pixels.split(256)])
-    truth, guess = test_shares.argmax(-1), out[..., :classes].argmax(-1)
-    foreground = truth > 0
-    box_error = (out[..., classes + 2:][foreground] - test_boxes[foreground]).abs().mean().item() * side
-    tower.save_pretrained(str(path))
-    facts = {
-        "steps": config.tower_steps,
-        "seconds": round(seconds, 1),
-        "test_patch_accuracy": round((guess == truth).float().mean().item(), 4),
-        "test_object_patch_accuracy": round((guess[foreground] == truth[foreground]).float().mean().item(), 4),
-        "test_box_error_px": round(box_error, 2),
-    }
-    logger.info("vision tower: %s", facts)
-    return facts
+    return TowerPretrainingConfig(steps=config.tower_steps, batch_size=config.tower_batch_size,
+                                  learning_rate=config.tower_learning_rate, box_weight=config.tower_box_weight,
+                                  seed=config.seed, bf16=config.bf16)
 
 
 def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> tuple[Path, dict]:
-    """The ``--init_config`` JSON: the size fields of `ferret.model.configs.small` for this tokenizer.
+    """The ``--init_config`` JSON: the size fields of `ferret.model.configuration.small` for this tokenizer.
 
     Only sizes go in the file: the trainer's own flags (``--add_region_feature``, ``--vision_tower`` ...) must not
     be overridden. Returns (path, the vision tower's CLIP config).
@@ -483,7 +359,7 @@ def write_model_config(path: Path, tokenizer_dir: Path, config: DemoConfig) -> t
     from transformers import AutoTokenizer
 
     from ferret.constants import REGION_TOKEN
-    from ferret.model.configs import small
+    from ferret.model.configuration import small
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     vocab = len(tokenizer) + (0 if REGION_TOKEN in tokenizer.get_vocab() else 1)  # <region_fea> is appended
@@ -542,7 +418,10 @@ def cached_vision_tower(root: Path, vision_config: dict, world_dir: Path, tokeni
     staging = root / f"tmp-{key}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
-    facts = pretrain_vision_tower(staging, vision_config, world_dir, tokenizer_dir, config)
+    from ferret.train.tower_pretraining import pretrain_vision_tower
+
+    facts = pretrain_vision_tower(staging, vision_config, world_dir, tokenizer_dir, world_config(config).names,
+                                  tower_recipe(config))
     facts["key"] = key
     (staging / "stage0.json").write_text(json.dumps(facts, indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,8 @@ from ferret.demo import TINY  # noqa: E402 - the `ferret demo --tiny` settings: 
 
 @pytest.mark.slow
 def test_run_demo_writes_every_output(tmp_path):
-    from ferret.demo import HEADLINE, random_vision_tower, run_demo, sincos_position_table
+    from ferret.demo import HEADLINE, run_demo
+    from ferret.train.tower_pretraining import random_vision_tower, sincos_position_table
     from ferret.model.builder import load_pretrained_model
 
     out = tmp_path / "demo"
@@ -56,9 +57,9 @@ def test_run_demo_writes_every_output(tmp_path):
     stage0 = CLIPVisionModel.from_pretrained(str(tower_dir))
     for (name, trained), (_, saved) in zip(clip.state_dict().items(), stage0.state_dict().items()):
         torch.testing.assert_close(trained, saved, msg=name)
-    position = getattr(clip, "vision_model", clip).embeddings.position_embedding.weight
+    position = model.vision_tower.position_table()
     side = metrics["config"]["image_size"] // metrics["config"]["patch_size"]
-    torch.testing.assert_close(position[1:], sincos_position_table(side, position.shape[1]))
+    torch.testing.assert_close(position, sincos_position_table(side, position.shape[1]))
     # ... while stage 0 did train the rest of it.
     vision_config = json.loads((out / "model_config.json").read_text())["vision_config"]
     random = random_vision_tower(vision_config, metrics["config"]["seed"])
@@ -108,7 +109,7 @@ def test_stage_banners_say_what_when_and_how_long(capsys):
 
 
 def test_sincos_position_table_tells_patches_apart():
-    from ferret.demo import sincos_position_table
+    from ferret.train.tower_pretraining import sincos_position_table
 
     table = sincos_position_table(4, 64)
     assert table.shape == (16, 64)
@@ -117,3 +118,28 @@ def test_sincos_position_table_tells_patches_apart():
     # x lives in the first half of the channels, y in the second: patches of one column share the x half
     assert (table[0, :32] - table[4, :32]).abs().max() < 1e-6
     assert (table[0, 32:] - table[1, 32:]).abs().max() < 1e-6
+
+
+def test_tower_recipe_warm_up_works_for_any_step_count():
+    """OneCycleLR divides by (warm-up steps - 1): 20 steps at a plain 5% warm-up crashed; the recipe keeps at least
+    2 warm-up steps, keeps 5% for long runs (the demo's 150 and 1,000 steps) and refuses fewer than 3 steps."""
+    import torch
+
+    from ferret.train.tower_pretraining import TowerPretrainingConfig
+
+    assert TowerPretrainingConfig(steps=1000).warmup_fraction == 0.05
+    assert TowerPretrainingConfig(steps=150).warmup_fraction == 0.05
+    assert TowerPretrainingConfig(steps=20).warmup_fraction == 0.1
+    assert TowerPretrainingConfig(steps=3).warmup_fraction == 0.5
+    for steps in range(3, 60):
+        config = TowerPretrainingConfig(steps=steps)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=steps,
+                                                       pct_start=config.warmup_fraction)
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+    with pytest.raises(ValueError, match="steps must be at least 3"):
+        TowerPretrainingConfig(steps=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        TowerPretrainingConfig(batch_size=0)

@@ -9,9 +9,8 @@ from PIL import Image
 
 from ferret.constants import IGNORE_INDEX
 from ferret.model.builder import load_pretrained_model
-from ferret.model.configs import build_model, ferret_7b, ferret_13b, small
-from ferret.model.configuration import FerretConfig
-from ferret.model.modeling import FerretLlamaForCausalLM
+from ferret.model.configuration import FerretConfig, ferret_7b, ferret_13b, small
+from ferret.model.modeling import FerretLlamaForCausalLM, build_model
 from ferret.regions import Box, Point
 
 
@@ -217,3 +216,44 @@ def test_sdpa_matches_eager(small_config, processor):
     sdpa = build_model(small_config).eval()
     with torch.no_grad():
         assert torch.allclose(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-4)
+
+
+def test_tower_position_table_and_unfreeze(model):
+    """What pretraining a tower needs from the vision module: replace the patches' position table (CLS row
+    zeroed), and unfreeze the CLIP weights with or without that table."""
+    import copy
+
+    tower = copy.deepcopy(model.vision_tower)
+    n, dim = tower.num_patches, tower.hidden_size
+    table = torch.arange(n * dim, dtype=torch.float32).reshape(n, dim)
+    tower.set_position_table(table)
+    assert torch.equal(tower.position_table(), table)
+    weight = next(v for k, v in tower.state_dict().items() if k.endswith("embeddings.position_embedding.weight"))
+    assert weight.shape == (n + 1, dim) and not weight[0].any()
+    with pytest.raises(ValueError, match=rf"a position table for this tower is \[{n}, {dim}\], got \[3, {dim}\]"):
+        tower.set_position_table(torch.zeros(3, dim))
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.unfreeze(fixed_positions=True)
+    frozen = [name for name, p in tower.named_parameters() if not p.requires_grad]
+    assert len(frozen) == 1 and frozen[0].endswith("embeddings.position_embedding.weight")
+    tower.unfreeze()
+    assert all(p.requires_grad for p in tower.parameters())
+    assert all(not p.requires_grad for p in model.vision_tower.parameters())  # the model's own stays frozen
+
+
+def test_model_is_built_through_its_parents_and_keeps_the_tower_unregistered(model):
+    """The model comes from LlamaPreTrainedModel's constructor and GenerationMixin; the tower is no sub-module (so
+    no parameter or state-dict key of it), yet a copy carries its own tower and `.half()` moves it."""
+    import copy
+
+    from transformers import GenerationMixin
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    assert isinstance(model, LlamaPreTrainedModel) and isinstance(model, GenerationMixin) and model.can_generate()
+    assert not [name for name, _ in model.named_modules() if "vision_tower" in name or "_tower" in name]
+    tower_ids = {id(p) for p in model.vision_tower.parameters()}
+    assert not tower_ids & {id(p) for p in model.parameters()}
+    twin = copy.deepcopy(model).half()
+    assert twin.vision_tower is not model.vision_tower
+    assert twin.vision_tower.dtype == torch.float16 and model.vision_tower.dtype != torch.float16
+    assert twin.vision_tower.device == twin.model.embed_tokens.weight.device

@@ -23,6 +23,8 @@ import torch
 
 from ferret.train.trainer import (
     FerretTrainer,
+    SealCheckpointCallback,
+    checkpoint_problems,
     is_complete_checkpoint,
     latest_checkpoint,
     non_lora_trainables,
@@ -38,7 +40,8 @@ def world(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from ferret.data.toy import make_world, train_toy_tokenizer, world_corpus
-    from ferret.model.configs import build_model, small
+    from ferret.model.configuration import small
+    from ferret.model.modeling import build_model
     from ferret.processing import FerretProcessor
 
     root = tmp_path_factory.mktemp("world")
@@ -185,7 +188,9 @@ def test_shipped_deepspeed_configs_and_scripts():
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def _fake_checkpoint(path: Path, state=True, weights=True):
+def _fake_checkpoint(path: Path, state=True, weights=True, sealed=True):
+    from ferret.model.checkpoint import write_manifest
+
     path.mkdir(parents=True)
     if state:
         (path / "trainer_state.json").write_text("{}")
@@ -193,19 +198,46 @@ def _fake_checkpoint(path: Path, state=True, weights=True):
         from safetensors.torch import save_file
 
         save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+    if sealed:
+        write_manifest(path)
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path, caplog):
     _fake_checkpoint(tmp_path / "checkpoint-5")
     _fake_checkpoint(tmp_path / "checkpoint-20", state=False)
     _fake_checkpoint(tmp_path / "checkpoint-15", weights=False)
+    _fake_checkpoint(tmp_path / "checkpoint-25", sealed=False)  # every file there, but the save never finished
     _fake_checkpoint(tmp_path / "tmp-checkpoint-30")
     _fake_checkpoint(tmp_path / "checkpoint-3")
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5")
-    assert sum("incomplete" in r.getMessage() for r in caplog.records) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("incomplete: no trainer_state.json or no model weights" in m for m in messages) == 2
+    assert any("checkpoint-25: no manifest.json: the save did not finish" in m for m in messages), messages
+    assert checkpoint_problems(str(tmp_path / "checkpoint-25")) == []  # given explicitly, it is checked by format
     assert not is_complete_checkpoint(str(tmp_path / "checkpoint-20"))
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_rotation_deletes_only_sealed_checkpoints_after_the_new_one_is_sealed(tmp_path):
+    """save_total_limit=1: sealing checkpoint-6 deletes the sealed 2 and 4, never the unsealed 8 (a save under
+    way elsewhere); before 6 is sealed, nothing is deleted, so the newest sealed checkpoint always survives."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
+    _fake_checkpoint(tmp_path / "checkpoint-6", sealed=False)
+    _fake_checkpoint(tmp_path / "checkpoint-8", sealed=False)
+    callback = SealCheckpointCallback(save_total_limit=1)
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    state = SimpleNamespace(global_step=6, is_local_process_zero=True, best_model_checkpoint=None)
+    callback.on_save(args, state, TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert (tmp_path / "checkpoint-6" / "manifest.json").is_file()
+    assert not (tmp_path / "checkpoint-8" / "manifest.json").exists()
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
 
 
 def test_non_lora_trainables_use_plain_names():
@@ -320,30 +352,30 @@ def test_trained_checkpoint_loads_and_generates(single_run, world):
 
 
 def test_interrupted_save_keeps_previous_checkpoint_and_resume_matches(single_run, world, tmp_path, monkeypatch):
-    """The save of step 8 dies after the weights are written: checkpoint-4 stays the latest; the restart resumes
-    from it and reproduces the uninterrupted run's losses."""
+    """The save of step 8 dies after the weights are written (before its RNG state): checkpoint-8 has no manifest,
+    so checkpoint-4 stays the latest; the restart resumes from it and reproduces the uninterrupted run's losses."""
     from ferret.train.train import main
 
     reference, args = single_run
     out = tmp_path / "run"
     args = [str(out) if a == str(reference) else a for a in args]
-    original = FerretTrainer._save_rng_state
+    real_save = torch.save
 
-    def dies_at_step_8(self, output_dir):
-        if self.state.global_step == 8:
+    def dies_at_step_8(obj, f, *a, **k):
+        if str(f).endswith(os.path.join("checkpoint-8", "rng_state.pth")):
             raise RuntimeError("simulated crash while saving")
-        return original(self, output_dir)
+        return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(FerretTrainer, "_save_rng_state", dies_at_step_8)
+    monkeypatch.setattr(torch, "save", dies_at_step_8)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(args)
-    assert (out / "tmp-checkpoint-8" / "model.safetensors").is_file()  # half-written, never published
-    assert not (out / "checkpoint-8").exists()
+    assert (out / "checkpoint-8" / "model.safetensors").is_file()  # written, but the save never finished
+    assert not (out / "checkpoint-8" / "manifest.json").exists()
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-4")
 
-    monkeypatch.setattr(FerretTrainer, "_save_rng_state", original)
+    monkeypatch.setattr(torch, "save", real_save)
     assert main(args) == 0
-    assert not (out / "tmp-checkpoint-8").exists() and is_complete_checkpoint(str(out / "checkpoint-8"))
+    assert checkpoint_problems(str(out / "checkpoint-8"), require_manifest=True) == []  # saved again, sealed
     resumed, expected = _losses(out), _losses(reference)
     assert sorted(resumed) == sorted(expected)
     for step in expected:
@@ -516,7 +548,7 @@ def test_deepspeed_zero2_killed_run_resumes_to_the_same_losses(world, tmp_path):
     out = tmp_path / "killed"
     process = _torchrun(_deepspeed_args(world, out, 2, steps, "init"), popen=True)
     deadline = time.time() + 600
-    while not (out / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+    while not (out / "checkpoint-3" / "manifest.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     killed = process.poll() is None
     _kill_run(process)

@@ -134,10 +134,11 @@ KILL_POINTS = {
     "optimizer.pt half-written (step 6)": lambda mp: _kill_in_torch_save(mp, 6, "optimizer.pt"),
     "files written, no manifest yet (step 6)": lambda mp: _kill_around(
         mp, __import__("ferret.train.trainer", fromlist=["x"]), "write_manifest", "before", "checkpoint-6"),
-    "manifest written, not renamed (step 8)": lambda mp: _kill_around(
+    "manifest written, run folder not yet synced (step 8)": lambda mp: _kill_around(
         mp, __import__("ferret.train.trainer", fromlist=["x"]), "write_manifest", "after", "checkpoint-8"),
-    "renamed, folder not yet synced (step 4)": lambda mp: _kill_around(
+    "sealed, run folder not yet synced (step 4)": lambda mp: _kill_around(
         mp, __import__("ferret.train.trainer", fromlist=["x"]), "fsync_path", "before", ""),
+    "weights written, optimizer not yet (step 6)": lambda mp: _kill_in_torch_save(mp, 6, "training_args.bin"),
     # between checkpoint writes
     "between checkpoints (step 5)": lambda mp: _kill_at_step(mp, 5),
     "after the last checkpoint, before final-checkpoint": lambda mp: _kill_around(
@@ -183,7 +184,7 @@ def test_sigkill_during_a_checkpoint_write(world, reference, tmp_path):
     child = subprocess.run([sys.executable, "-c", script, *run_args(world, out)], env=env, capture_output=True,
                            text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
-    assert (out / "tmp-checkpoint-4" / "optimizer.pt").is_file() and not (out / "checkpoint-4").exists()
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file() and not (out / "checkpoint-4" / MANIFEST_NAME).exists()
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-2")
     from ferret.train.train import main
 

@@ -400,6 +400,16 @@ def _declared_size(record: dict) -> tuple[int, int] | None:
     return None
 
 
+@dataclass
+class _ImageFacts:
+    """What the checks of a record's regions need to know about its image."""
+
+    has_image: bool
+    width: int | None
+    height: int | None
+    size_known: bool  # width/height are known and small enough to build masks at
+
+
 def check_record(
     record: Any, dataset_type: DatasetType | str, image_size: tuple[int, int] | None = None,
     region_feature: bool = True, masks: str = "decode",
@@ -423,12 +433,23 @@ def check_record(
     """
     dtype = DATASET_TYPES[dataset_type] if isinstance(dataset_type, str) else dataset_type
     out = CheckedRecord()
-    problems = out.problems
     if not isinstance(record, dict):
-        problems.append(Problem("not_a_record", f"the record is a {type(record).__name__}, expected an object"))
+        out.problems.append(Problem("not_a_record", f"the record is a {type(record).__name__}, expected an object"))
         return out
+    image = _check_image_fields(record, dtype, image_size, out.problems)
+    texts = _check_conversations(record, image.has_image, out)
+    if texts is None:
+        return out
+    _check_refer_as(record, out)
+    usable, box_nesting_ok = _check_boxes(record, dtype, image, out)
+    _check_placeholders(texts, dtype, image.has_image, region_feature, out)
+    _check_masks(record, dtype, masks, image, usable, box_nesting_ok, out)
+    return out
 
-    # -- image field and size
+
+def _check_image_fields(record: dict, dtype: DatasetType, image_size: tuple[int, int] | None,
+                        problems: list[Problem]) -> _ImageFacts:
+    """The ``image`` field, and image_w / image_h against the limit and the real image size."""
     has_image = "image" in record and record["image"] is not None
     if has_image and not (isinstance(record["image"], str) and record["image"]):
         problems.append(Problem("bad_image_field", f"'image' must be a non-empty string, got {record['image']!r}"))
@@ -437,7 +458,8 @@ def check_record(
     if declared is None and (dtype.location_instruction or size_given):
         problems.append(Problem("missing_image_size", "image_w and image_h must be positive integers, got "
                                 f"{record.get('image_w')!r} x {record.get('image_h')!r}"))
-    if declared is not None and declared[0] * declared[1] > MAX_MASK_PIXELS:
+    too_large = declared is not None and declared[0] * declared[1] > MAX_MASK_PIXELS
+    if too_large:
         # Region masks are built at the image's size: refuse before anything that size is allocated.
         problems.append(Problem("image_too_large", f"image_w x image_h = {declared[0]}x{declared[1]} is "
                                 f"{declared[0] * declared[1]} pixels, more than the limit of {MAX_MASK_PIXELS}"))
@@ -446,18 +468,23 @@ def check_record(
         problems.append(Problem("image_size_mismatch", f"the image is {image_size[0]}x{image_size[1]} but the record "
                                 f"says image_w x image_h = {declared[0]}x{declared[1]}"))
     width, height = declared or (tuple(image_size) if image_size is not None else (None, None))
-    size_known = width is not None and not any(p.reason == "image_too_large" for p in problems)
+    return _ImageFacts(has_image, width, height, size_known=width is not None and not too_large)
 
-    # -- conversations
+
+def _check_conversations(record: dict, has_image: bool, out: CheckedRecord) -> list[str] | None:
+    """Turns alternate human/gpt and end with an answer; the image token only in the first human turn (and
+    there when the record has an image); no bare region token. Returns the turns' texts, or None when the
+    conversation cannot be read at all (the rest of the record is not checked then)."""
+    problems = out.problems
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         problems.append(Problem("bad_conversations", "'conversations' must be a non-empty list of turns"))
-        return out
+        return None
     texts: list[str] = []
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             problems.append(Problem("bad_conversations", f"turn {t} must be an object with a string 'value'", t))
-            return out
+            return None
         texts.append(turn["value"])
         role = ROLE_OF.get(str(turn.get("from", "")).lower())
         if role != t % 2:
@@ -477,20 +504,30 @@ def check_record(
                                     "written as <bbox_location{k}> placeholders", t))
     if has_image and IMAGE_TOKEN not in texts[0]:
         problems.append(Problem("missing_image_token", f"the first human turn has no {IMAGE_TOKEN}", 0))
+    return texts
 
-    # -- how each human turn refers to its regions (written by `ferret data build`; optional)
-    n = len(turns)
+
+def _check_refer_as(record: dict, out: CheckedRecord) -> None:
+    """How each human turn refers to its regions (written by `ferret data build`; optional)."""
+    n = len(out.turns)
     refer_as = record.get("refer_as")
     out.refer_as = [None] * n
-    if refer_as is not None:
-        if not isinstance(refer_as, list) or len(refer_as) != n or any(
-                form is not None and form not in REFER_FORMS for form in refer_as):
-            problems.append(Problem("bad_refer_as", f"refer_as must hold one entry per turn ({n}), each one of "
+    if refer_as is None:
+        return
+    if not isinstance(refer_as, list) or len(refer_as) != n or any(
+            form is not None and form not in REFER_FORMS for form in refer_as):
+        out.problems.append(Problem("bad_refer_as", f"refer_as must hold one entry per turn ({n}), each one of "
                                     f"{sorted(REFER_FORMS)} or null, got {str(refer_as)[:80]}"))
-        else:
-            out.refer_as = list(refer_as)
+    else:
+        out.refer_as = list(refer_as)
 
-    # -- boxes
+
+def _check_boxes(record: dict, dtype: DatasetType, image: _ImageFacts,
+                 out: CheckedRecord) -> tuple[list[list[bool]], bool]:
+    """Fills ``out.boxes`` (one list per turn) from ``box_x1y1x2y2``; returns per box whether its mask may be
+    compared with it (a well-formed box inside the image), and whether the per-turn nesting was right."""
+    problems = out.problems
+    n = len(out.turns)
     out.boxes = [[] for _ in range(n)]
     out.masks = [[] for _ in range(n)]
     raw_boxes = record.get("box_x1y1x2y2") if dtype.location_instruction else None
@@ -512,29 +549,39 @@ def check_record(
             box_nesting_ok = False
             continue
         for k, raw in enumerate(turn_boxes):
-            ok = True
-            if not (isinstance(raw, (list, tuple)) and len(raw) == 4 and all(_is_number(v) for v in raw)):
-                problems.append(Problem("bad_box", f"box {k} of turn {t} must be 4 finite numbers, got {raw!r}", t))
-                out.boxes[t].append(Box(0, 0, 0, 0))
-                usable[t].append(False)
-                continue
-            x1, y1, x2, y2 = (float(v) for v in raw)
-            box = Box(x1, y1, x2, y2)
-            if x2 < x1 or y2 < y1:
-                problems.append(Problem("degenerate_box", f"box {k} of turn {t} {list(raw)} has x2 < x1 or y2 < y1", t))
-                ok = False
-            elif size_known:
-                if x2 < 0 or y2 < 0 or x1 > width - 1 or y1 > height - 1:
-                    problems.append(Problem("box_outside_image", f"box {k} of turn {t} {list(raw)} lies outside the "
-                                            f"{width}x{height} image", t))
-                    ok = False
-                elif x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-                    problems.append(Problem("box_overhang", f"box {k} of turn {t} {list(raw)} extends past the "
-                                            f"{width}x{height} image (clamped)", t))
+            box, ok = _check_box(raw, t, k, image, problems)
             out.boxes[t].append(box)
             usable[t].append(ok)
+    return usable, box_nesting_ok
 
-    # -- placeholders
+
+def _check_box(raw: Any, t: int, k: int, image: _ImageFacts, problems: list[Problem]) -> tuple[Box, bool]:
+    """Box ``k`` of turn ``t`` -> (the box, or an empty one when unreadable; whether it is usable)."""
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 4 and all(_is_number(v) for v in raw)):
+        problems.append(Problem("bad_box", f"box {k} of turn {t} must be 4 finite numbers, got {raw!r}", t))
+        return Box(0, 0, 0, 0), False
+    x1, y1, x2, y2 = (float(v) for v in raw)
+    box = Box(x1, y1, x2, y2)
+    width, height = image.width, image.height
+    if x2 < x1 or y2 < y1:
+        problems.append(Problem("degenerate_box", f"box {k} of turn {t} {list(raw)} has x2 < x1 or y2 < y1", t))
+        return box, False
+    if image.size_known:
+        if x2 < 0 or y2 < 0 or x1 > width - 1 or y1 > height - 1:
+            problems.append(Problem("box_outside_image", f"box {k} of turn {t} {list(raw)} lies outside the "
+                                    f"{width}x{height} image", t))
+            return box, False
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            problems.append(Problem("box_overhang", f"box {k} of turn {t} {list(raw)} extends past the "
+                                    f"{width}x{height} image (clamped)", t))
+    return box, True
+
+
+def _check_placeholders(texts: list[str], dtype: DatasetType, has_image: bool, region_feature: bool,
+                        out: CheckedRecord) -> None:
+    """Every ``<bbox_location{k}>`` names a box of its turn, every box is named, and regions read as features
+    have an image to read them from."""
+    problems = out.problems
     for t, text in enumerate(texts):
         used = set()
         for match in PLACEHOLDER.finditer(text):
@@ -553,9 +600,15 @@ def check_record(
             problems.append(Problem("unused_box", f"turn {t}: box(es) {unused} are not referred to by any "
                                     "placeholder", t))
 
-    # -- masks
+
+def _check_masks(record: dict, dtype: DatasetType, masks: str, image: _ImageFacts, usable: list[list[bool]],
+                 box_nesting_ok: bool, out: CheckedRecord) -> None:
+    """Fills ``out.masks`` (one per box, or None): the ``masks`` field nests like the boxes, each RLE is sound
+    (decoded when ``masks == "decode"``), not empty, and overlaps its box."""
     if masks not in ("decode", "check", "skip"):
         raise ValueError(f"masks must be 'decode', 'check' or 'skip', got {masks!r}")
+    problems = out.problems
+    n = len(out.turns)
     raw_masks = record.get("masks") if dtype.location_instruction and masks != "skip" else None
     if raw_masks is not None and box_nesting_ok:
         if not isinstance(raw_masks, list) or len(raw_masks) != n:
@@ -571,25 +624,33 @@ def check_record(
             turn_masks = None
         for k, box in enumerate(out.boxes[t]):
             rle = turn_masks[k] if turn_masks is not None else None
-            mask = None
-            if rle is not None:
-                try:
-                    mask = decode_rle(rle, width if size_known else None, height if size_known else None,
-                                      decode=masks == "decode")
-                except ValueError as err:
-                    problems.append(Problem("bad_rle", f"mask {k} of turn {t}: {err}", t))
-                if mask is not None:
-                    if not mask.any():
-                        problems.append(Problem("empty_region", f"mask {k} of turn {t} is empty", t))
-                        mask = None
-                    elif usable[t][k] and size_known:
-                        c = clamp_box(box, width, height)
-                        if not mask[int(c.y1): int(c.y2) + 1, int(c.x1): int(c.x2) + 1].any():
-                            problems.append(Problem("empty_region", f"mask {k} of turn {t} does not overlap its box "
-                                                    f"{[box.x1, box.y1, box.x2, box.y2]}", t))
-                            mask = None
+            mask = _check_mask(rle, box, t, k, usable[t][k], image, decode=masks == "decode", problems=problems)
             out.masks[t].append(mask)
-    return out
+
+
+def _check_mask(rle: Any, box: Box, t: int, k: int, usable: bool, image: _ImageFacts, decode: bool,
+                problems: list[Problem]) -> np.ndarray | None:
+    """Mask ``k`` of turn ``t`` -> bool [H, W] when decoded and sound, else None (problems appended)."""
+    if rle is None:
+        return None
+    width, height = (image.width, image.height) if image.size_known else (None, None)
+    try:
+        mask = decode_rle(rle, width, height, decode=decode)
+    except ValueError as err:
+        problems.append(Problem("bad_rle", f"mask {k} of turn {t}: {err}", t))
+        return None
+    if mask is None:
+        return None
+    if not mask.any():
+        problems.append(Problem("empty_region", f"mask {k} of turn {t} is empty", t))
+        return None
+    if usable and image.size_known:
+        c = clamp_box(box, image.width, image.height)
+        if not mask[int(c.y1): int(c.y2) + 1, int(c.x1): int(c.x2) + 1].any():
+            problems.append(Problem("empty_region", f"mask {k} of turn {t} does not overlap its box "
+                                    f"{[box.x1, box.y1, box.x2, box.y2]}", t))
+            return None
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ The LLaMA decoder reads a sequence in which
 State-dict names equal the original's (docs/compatibility.md §1.2): LLaMA keys, ``model.mm_projector.*`` and
 ``model.region_geo_sampler.*``. The CLIP tower is deliberately not a registered sub-module, so it is neither in the
 state dict nor sharded by ZeRO/FSDP; it lives in ``<checkpoint>/vision_tower/`` (or comes from the hub) and follows
-the model across ``.to()`` calls.
+the model's device and dtype (see `FerretLlamaForCausalLM`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, LlamaModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
@@ -59,33 +59,53 @@ class FerretLlamaModel(LlamaModel):
         self.post_init()
 
 
-class FerretLlamaForCausalLM(LlamaForCausalLM):
+class FerretLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     """LLaMA causal LM that sees images and referred regions.
 
     ``forward`` and ``generate`` take ``images`` [B_img, 3, S, S] (one per sample that has image tokens, in batch
     order) and ``region_masks`` (per sample, bool [H, W] masks in the pixels of that sample's original image, one per
     ``<region_fea>`` token).
+
+    Built the way transformers builds its multimodal models (e.g. ``LlavaForConditionalGeneration``): from the
+    family's ``PreTrainedModel`` plus ``GenerationMixin``, through their constructors. It is not a subclass of
+    ``LlamaForCausalLM``, whose constructor builds a plain ``LlamaModel`` where this model needs
+    `FerretLlamaModel`; it takes that class's parallelism plans and tied-weight keys, so the names and the
+    layout are the same.
+
+    The CLIP tower is deliberately NOT a registered sub-module (the one deviation from a plain module tree):
+    registered, it would enter the state dict (released checkpoints keep CLIP in ``vision_tower/``, never under
+    ``model.vision_tower.*``), and ZeRO-3/FSDP would shard it and its optimizer-free weights would have to be
+    gathered for every save of ``vision_tower/``. It is held in a plain attribute instead (`vision_tower`) and
+    follows the LLM's device and dtype: when attached, and whenever it is reached through `vision_tower` or used.
     """
 
     config_class = FerretConfig
     _keys_to_ignore_on_load_unexpected = [r"vision_tower\."]
+    _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
+    _tp_plan = LlamaForCausalLM._tp_plan
+    _pp_plan = LlamaForCausalLM._pp_plan
+    _fsdp_plan = getattr(LlamaForCausalLM, "_fsdp_plan", None)
 
     def __init__(self, config: FerretConfig):
-        LlamaPreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.model = FerretLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.__dict__["_vision_tower"] = None
+        self._tower: tuple[CLIPVisionTower, ...] = ()  # a tuple is not registered (see the class docstring)
         self.post_init()
 
     # ------------------------------------------------------------------ vision tower
     @property
     def vision_tower(self) -> CLIPVisionTower | None:
-        return self.__dict__["_vision_tower"]
+        """The frozen CLIP tower (None until attached), on the LLM's device and in its dtype."""
+        if not self._tower:
+            return None
+        self._sync_vision_tower()
+        return self._tower[0]
 
     def set_vision_tower(self, tower: CLIPVisionTower | None) -> None:
         """Attaches a tower (not registered: it stays out of the state dict) and moves it next to the LLM."""
-        self.__dict__["_vision_tower"] = tower
+        self._tower = (tower,) if tower is not None else ()
         if tower is not None:
             self._sync_vision_tower()
 
@@ -117,19 +137,16 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         return tower
 
     def _sync_vision_tower(self) -> None:
-        tower = self.vision_tower
+        """Moves the tower to the embedding table's device and floating dtype (a no-op when it is there already).
+
+        Stands in for registering the tower: ``model.to(...)`` / ``.half()`` move registered modules only."""
+        tower = self._tower[0]
         weight = self.model.embed_tokens.weight
         if weight.device.type == "meta":
             return
         dtype = weight.dtype if weight.dtype.is_floating_point else tower.dtype
         if tower.device != weight.device or tower.dtype != dtype:
             tower.to(device=weight.device, dtype=dtype)
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.vision_tower is not None:
-            self.vision_tower._apply(fn, *args, **kwargs)
-        return self
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_tower: str | None = None,
@@ -160,7 +177,6 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         tower = self.vision_tower
         if tower is None:
             raise RuntimeError("this model has no vision tower; call load_vision_tower() first")
-        self._sync_vision_tower()
         features = tower(images)
         return features, self.model.mm_projector(features.to(self.model.mm_projector.weight.dtype))
 
@@ -172,17 +188,43 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
     ) -> torch.Tensor:
         """input_ids [B, L] (image positions = IMAGE_TOKEN_INDEX) -> inputs_embeds [B, L, hidden].
 
-        Raises ValueError naming the sample when image positions, images, ``<region_fea>`` tokens and region masks
-        do not agree.
+        Three steps: `_check_multimodal_inputs` (raises ValueError naming the sample when image positions, images,
+        ``<region_fea>`` tokens and region masks do not agree, before any image is encoded), then the image
+        features are spliced at the image positions, then the region features at the ``<region_fea>`` tokens.
         """
         image_positions = input_ids == IMAGE_TOKEN_INDEX
-        embed = self.model.embed_tokens
-        embeds = embed(input_ids.masked_fill(input_ids < 0, 0))
+        region_positions = self._region_positions(input_ids)
+        self._check_multimodal_inputs(image_positions, region_positions, images, region_masks)
+        embeds = self.model.embed_tokens(input_ids.masked_fill(input_ids < 0, 0))
+        if images is None:
+            return self._keep_unused_in_graph(embeds, projector=True, sampler=True)
+
+        features, projected = self.encode_images(images)
+        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), projected.to(embeds.dtype))
+        if not region_positions.any():
+            return self._keep_unused_in_graph(embeds, projector=False, sampler=True, features=features)
+        region_features = self.region_features(features, image_positions.any(1), region_masks)
+        return embeds.masked_scatter(region_positions.unsqueeze(-1), region_features.to(embeds.dtype))
+
+    def _region_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """bool [B, L]: where the ``<region_fea>`` tokens are (none when the config has no region token)."""
+        region_token = self.config.im_region_fea_token
+        if region_token is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == region_token
+
+    def _check_multimodal_inputs(self, image_positions: torch.Tensor, region_positions: torch.Tensor,
+                                 images: torch.Tensor | None, region_masks: RegionMasks) -> None:
+        """Raises ValueError naming the sample unless the inputs agree (positions are bool [B, L]):
+
+        * every ``<region_fea>`` token has exactly one mask, and regions come with an image and a region sampler;
+        * a sample with image positions has exactly one image's worth of them, and there is one image per such
+          sample;
+        * no ``<region_fea>`` comes before its sample's image (it would read a feature the model has not seen).
+        """
         has_image = image_positions.any(1)
         if images is None and has_image.any():
             raise ValueError("input_ids contain image positions but no images were given")
-        region_token = self.config.im_region_fea_token
-        region_positions = (input_ids == region_token) if region_token is not None else torch.zeros_like(image_positions)
         n_regions = region_positions.sum(1).tolist()
         n_masks = self._count_masks(region_masks, len(n_regions))
         for sample, (tokens, masks) in enumerate(zip(n_regions, n_masks)):
@@ -191,14 +233,23 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
                     f"sample {sample}: {tokens} <region_fea> token(s) in the text but {masks} region mask(s); "
                     "every <region_fea> needs exactly one mask"
                 )
-
         if images is None:
             if sum(n_regions):
                 raise ValueError("<region_fea> tokens need an image to read region features from")
-            return self._keep_unused_in_graph(embeds, projector=True, sampler=True)
+            return
+        self._check_image_positions(image_positions, images)
+        if sum(n_regions):
+            if not self.config.region_geo_sampler:
+                raise ValueError("this model has no region sampler (region_geo_sampler=False) but <region_fea> "
+                                 "was given")
+            self._check_regions_follow_images(image_positions, region_positions)
 
-        features, projected = self.encode_images(images)
-        per_image = projected.shape[1]
+    def _check_image_positions(self, image_positions: torch.Tensor, images: torch.Tensor) -> None:
+        """Each sample has 0 or one image's worth of image positions; one image per sample that has them."""
+        tower = self.vision_tower
+        if tower is None:
+            raise RuntimeError("this model has no vision tower; call load_vision_tower() first")
+        per_image = tower.num_patches + (1 if tower.select_feature == "cls_patch" else 0)
         counts = image_positions.sum(1)
         bad = ((counts != 0) & (counts != per_image)).nonzero().flatten().tolist()
         if bad:
@@ -206,28 +257,20 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
                 f"sample {bad[0]}: {int(counts[bad[0]])} image positions but one image gives {per_image} features; "
                 "build inputs with FerretProcessor (the image token is expanded there)"
             )
-        if int(has_image.sum()) != images.shape[0]:
-            raise ValueError(
-                f"{int(has_image.sum())} sample(s) have image positions but {images.shape[0]} image(s) were given"
-            )
-        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), projected.to(embeds.dtype))
+        with_image = int(image_positions.any(1).sum())
+        if with_image != images.shape[0]:
+            raise ValueError(f"{with_image} sample(s) have image positions but {images.shape[0]} image(s) were given")
 
-        if not sum(n_regions):
-            return self._keep_unused_in_graph(embeds, projector=False, sampler=True, features=features)
-        if not self.config.region_geo_sampler:
-            raise ValueError("this model has no region sampler (region_geo_sampler=False) but <region_fea> was given")
-        # A region token before its image would read a feature the model has not seen yet (the original asserts).
-        first_image = torch.where(has_image, image_positions.float().argmax(1), input_ids.shape[1])
-        last_region = torch.where(
-            region_positions.any(1),
-            input_ids.shape[1] - 1 - region_positions.flip(1).float().argmax(1),
-            -1,
-        )
-        early = (region_positions.any(1) & (first_image > last_region)).nonzero().flatten().tolist()
+    @staticmethod
+    def _check_regions_follow_images(image_positions: torch.Tensor, region_positions: torch.Tensor) -> None:
+        """No ``<region_fea>`` before the first image position of its sample (the original asserts the same)."""
+        length = image_positions.shape[1]
+        has_image, has_region = image_positions.any(1), region_positions.any(1)
+        first_image = torch.where(has_image, image_positions.float().argmax(1), length)
+        last_region = torch.where(has_region, length - 1 - region_positions.flip(1).float().argmax(1), -1)
+        early = (has_region & (first_image > last_region)).nonzero().flatten().tolist()
         if early:
             raise ValueError(f"sample {early[0]}: <region_fea> appears before the image")
-        region_features = self.region_features(features, has_image, region_masks)
-        return embeds.masked_scatter(region_positions.unsqueeze(-1), region_features.to(embeds.dtype))
 
     def region_features(self, features: torch.Tensor, has_image: torch.Tensor, region_masks: RegionMasks) -> torch.Tensor:
         """Raw CLIP features [B_img, N, C] + masks -> sampler features [R, hidden] in token order."""
@@ -370,6 +413,16 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             generate_kwargs["suppress_tokens"] = [region_token]
         inputs_embeds = self.embed_multimodal(input_ids, images, region_masks)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def build_model(config: FerretConfig, seed: int | None = 0) -> FerretLlamaForCausalLM:
+    """A randomly initialised model with its vision tower (from ``config.vision_config``), in fp32 on CPU; real
+    weights come through `ferret.model.builder.load_pretrained_model`."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = FerretLlamaForCausalLM(config)
+    model.load_vision_tower()
+    return model
 
 
 AutoConfig.register("ferret", FerretConfig)

@@ -90,6 +90,33 @@ class CLIPVisionTower(nn.Module):
     def num_patches(self) -> int:
         return self.num_patches_per_side**2
 
+    # ------------------------------------------------------------------ pretraining a tower (the toy world)
+    @property
+    def _embeddings(self) -> nn.Module:
+        return getattr(self.vision_tower, "vision_model", self.vision_tower).embeddings
+
+    def position_table(self) -> torch.Tensor:
+        """The patches' position embeddings [N, C] (row-major; CLIP's CLS row left out)."""
+        return self._embeddings.position_embedding.weight[1:]
+
+    @torch.no_grad()
+    def set_position_table(self, table: torch.Tensor) -> None:
+        """Replaces the position embedding: ``table`` [N, C] for the patches (row-major), zero for CLS."""
+        weight = self._embeddings.position_embedding.weight  # [1 + N, C]: CLS first
+        if tuple(table.shape) != (weight.shape[0] - 1, weight.shape[1]):
+            raise ValueError(f"a position table for this tower is [{weight.shape[0] - 1}, {weight.shape[1]}], "
+                             f"got {list(table.shape)}")
+        weight.zero_()
+        weight[1:] = table.to(weight.dtype)
+
+    def unfreeze(self, fixed_positions: bool = False) -> "CLIPVisionTower":
+        """Lets the CLIP weights train (pretraining a tower; Ferret itself never calls this), the position
+        embedding excepted when ``fixed_positions``. Returns self."""
+        self.vision_tower.requires_grad_(True)
+        if fixed_positions:
+            self._embeddings.position_embedding.requires_grad_(False)
+        return self
+
     def train(self, mode: bool = True) -> "CLIPVisionTower":
         # Frozen: dropout and friends stay off even when the surrounding model trains.
         return super().train(False)

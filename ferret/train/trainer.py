@@ -7,14 +7,15 @@ What it adds to the HF Trainer, and nothing else:
   when ``save_vision_tower`` is set, plus HF's optimizer/scheduler/RNG/trainer state. In LoRA mode a checkpoint
   is the adapter + config.json + ``non_lora_trainables.bin`` (the layout ``load_pretrained_model`` reads); in
   projector pre-training mode (``tune_mm_mlp_adapter``) it is ``mm_projector.bin`` + config.json.
-* **Atomic, verifiable checkpoints**: everything is written into ``tmp-checkpoint-N/``; once every rank has
-  finished, the files are fsync'ed, a ``manifest.json`` (size + sha256 of every file) is written LAST, the folder
-  is fsync'ed and renamed to ``checkpoint-N/``. So a run killed mid-save never leaves a ``checkpoint-N``, and a
-  checkpoint torn later (a truncated optimizer.pt, a 0-byte model.safetensors) fails its manifest:
-  `latest_checkpoint` skips it with a warning naming it and resumes from the newest intact one. Folders without a
-  manifest (other tools, older versions) are checked by format (safetensors length, zip archives, JSON).
-  HF's Trainer offers no hook to write a checkpoint elsewhere and rename it, hence the ``_save_checkpoint``
-  override; everything else goes through ``save_model`` and the public state.
+* **Atomic, verifiable checkpoints**, through public hooks only: HF writes ``checkpoint-N/`` as usual; then, in
+  `SealCheckpointCallback.on_save`, once every rank has finished, the files are fsync'ed and a ``manifest.json``
+  (size + sha256 of every file) is written LAST, and the run folder is fsync'ed. A checkpoint without a manifest
+  is a save that did not finish (the run was killed mid-save): `latest_checkpoint` skips it, as it skips one torn
+  later (a truncated optimizer.pt, a 0-byte model.safetensors fails its manifest), with a warning naming it, and
+  resumes from the newest intact one; the next save of that step replaces the folder. A folder given explicitly
+  to ``--resume_from_checkpoint`` without a manifest (other tools, older versions) is checked by format
+  (safetensors length, zip archives, JSON). ``save_total_limit`` rotation deletes only sealed checkpoints, after
+  the new one is sealed.
 * **Logs** (tensorboard through ``report_to``): besides HF's loss, learning_rate and grad_norm, every logging
   step records ``samples_per_second`` and ``tokens_per_second`` over the interval (all ranks; tokens are the
   non-pad positions, image positions included) and ``skipped_records``: how many DISTINCT records (file, index)
@@ -34,11 +35,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ferret.model.checkpoint import folder_problems, fsync_path, write_manifest
+from ferret.model.checkpoint import MANIFEST_NAME, folder_problems, fsync_path, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +62,21 @@ def is_complete_checkpoint(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
 
 
-def checkpoint_problems(path: str, checksums: bool = True) -> list[str]:
+def checkpoint_problems(path: str, checksums: bool = True, require_manifest: bool = False) -> list[str]:
     """Why a checkpoint folder cannot be resumed from ([] when it is intact): missing trainer state or weights,
-    or files that fail the folder's manifest (see ``ferret.model.checkpoint.folder_problems``)."""
+    no manifest when ``require_manifest`` (a save that did not finish), or files that fail the folder's manifest
+    (see ``ferret.model.checkpoint.folder_problems``; a folder of other tools, without one, is checked by format)."""
     if not is_complete_checkpoint(path):
         return [f"incomplete: no {TRAINER_STATE} or no model weights"]
+    if require_manifest and not os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return [f"no {MANIFEST_NAME}: the save did not finish"]
     return folder_problems(path, checksums=checksums)
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-N`` folder with the highest N that is intact; each newer one that is incomplete or torn
-    is named in a warning with what is wrong, and skipped."""
+    """The ``checkpoint-N`` folder with the highest N that is intact and sealed (has its manifest: every save of
+    this trainer writes one last); each newer one that is incomplete, unsealed or torn is named in a warning with
+    what is wrong, and skipped."""
     if not os.path.isdir(output_dir):
         return None
     steps = []
@@ -81,7 +85,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             steps.append((int(match.group(1)), os.path.join(output_dir, name)))
     for _, path in sorted(steps, reverse=True):
-        problems = checkpoint_problems(path)
+        problems = checkpoint_problems(path, require_manifest=True)
         if not problems:
             return path
         logger.warning("skipping the torn or incomplete checkpoint %s: %s", path, "; ".join(problems))
@@ -89,7 +93,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def remove_staging_folders(output_dir: str) -> None:
-    """Deletes ``tmp-checkpoint-*`` folders left by a run that died while saving."""
+    """Deletes ``tmp-*`` folders (``tmp-final-checkpoint``, or ``tmp-checkpoint-N`` of older versions) left by a
+    run that died while saving."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
@@ -151,6 +156,10 @@ class FerretTrainer(Trainer):
 
     def __init__(self, *args: Any, save_vision_tower: bool = True, adapter_only: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Rotation moves to the sealing callback (it must only ever delete sealed checkpoints, after the new one is
+        # sealed); HF's own rotation, which runs before on_save, is switched off by clearing the limit here.
+        self.add_callback(SealCheckpointCallback(self.args.save_total_limit))
+        self.args.save_total_limit = None
         self.save_vision_tower = save_vision_tower
         self.adapter_only = adapter_only
         self._interval = {"samples": 0, "tokens": 0}
@@ -159,7 +168,9 @@ class FerretTrainer(Trainer):
 
     # ------------------------------------------------------------------ throughput and data-quality logs
     def _get_train_sampler(self, train_dataset=None):
-        # Length grouping reads the dataset's cheap length estimates instead of building every item.
+        # Length grouping reads the dataset's cheap length estimates instead of building every item. The one
+        # private Trainer method overridden here: HF takes lengths only from a `datasets` column (or by building
+        # every item) and has no public way to pass them or a sampler.
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -224,83 +235,107 @@ class FerretTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """HF's `save_model` in Ferret's layout (see the module docstring). Collective: call it on every rank.
+
+        A checkpoint save (``_internal_call`` into a ``checkpoint-N`` folder) first merges every rank's skipped
+        records into the state it writes, and clears what an earlier, interrupted save of the same step left in the
+        folder (HF writes into it).
+        """
         output_dir = output_dir or self.args.output_dir
+        if _internal_call and CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
+            self.flush_skipped_records()  # the checkpoint's state names every record skipped up to this step
+            if self.args.should_save and os.path.isdir(output_dir):
+                logger.warning("replacing %s: an earlier (torn or superseded) save of this step", output_dir)
+                shutil.rmtree(output_dir)
+            _barrier()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if self.adapter_only:
-            if self.args.should_save:
-                state = state_dict if state_dict is not None else model.state_dict()
-                projector = {k: v.detach().cpu() for k, v in state.items() if "mm_projector" in k}
-                os.makedirs(output_dir, exist_ok=True)
-                torch.save(projector, os.path.join(output_dir, "mm_projector.bin"))
-                model.config.save_pretrained(output_dir)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
+            self._save_projector(model, output_dir)
             return
-        super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
+        super().save_model(output_dir, _internal_call=_internal_call)
         ferret = model
         if hasattr(model, "peft_config"):
             ferret = model.get_base_model()
-            ferret.config.save_pretrained(output_dir)
-            state = state_dict if state_dict is not None else model.state_dict()
-            torch.save(non_lora_trainables(state), os.path.join(output_dir, "non_lora_trainables.bin"))
+            # Gathered on every rank (ZeRO-3 shards the trained modules); written by the saving one.
+            state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+            if self.args.should_save:
+                ferret.config.save_pretrained(output_dir)
+                torch.save(non_lora_trainables(state), os.path.join(output_dir, "non_lora_trainables.bin"))
+        if not self.args.should_save:
+            return
         tower = getattr(ferret, "vision_tower", None)
         tower_dir = os.path.join(output_dir, "vision_tower")
         if self.save_vision_tower and tower is not None and not os.path.isdir(tower_dir):
             tower.save_pretrained(tower_dir)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint, written into ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` when complete."""
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING_PREFIX + name)
-        final = os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(staging):
-            shutil.rmtree(staging)
-        _barrier()
+    def _save_projector(self, model, output_dir: str) -> None:
+        """Projector pre-training: ``mm_projector.bin`` + config.json (+ the processor), nothing else."""
+        state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        if not self.args.should_save:
+            return
+        projector = {k: v.detach().cpu() for k, v in state.items() if "mm_projector" in k}
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(projector, os.path.join(output_dir, "mm_projector.bin"))
+        model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
 
-        self.store_flos()
-        self.flush_skipped_records()  # the checkpoint's state names every record skipped up to this step
-        self.save_model(staging, _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)
-        if self.args.should_save:
-            for callback in self.callback_handler.callbacks + [self.control]:
-                if isinstance(callback, ExportableState):
-                    key = callback.__class__.__name__
-                    if isinstance(self.state.stateful_callbacks.get(key), list):
-                        self.state.stateful_callbacks[key].append(callback.state())
-                    else:
-                        self.state.stateful_callbacks[key] = callback.state()
-            self.state.save_to_json(os.path.join(staging, TRAINER_STATE))
 
-        # Every rank has written its shards (DeepSpeed/FSDP optimizer states) before the folder is published.
+class SealCheckpointCallback(TrainerCallback):
+    """Seals each ``checkpoint-N`` once HF has written all of it, then rotates old checkpoints.
+
+    HF's Trainer writes ``checkpoint-N`` in place and calls ``on_save`` afterwards, on every rank. Here every rank
+    first waits for the others (DeepSpeed/FSDP write per-rank optimizer shards), then the saving process fsyncs the
+    files and writes ``manifest.json`` LAST (see ``ferret.model.checkpoint.write_manifest``), and fsyncs the run
+    folder. A ``checkpoint-N`` without a manifest is therefore a save that did not finish: `latest_checkpoint`
+    skips it, and the next save of step N replaces it.
+
+    Rotation (``save_total_limit``) happens here, after sealing, over sealed checkpoints only: HF rotates before
+    ``on_save``, which could delete the last sealed checkpoint while the new one is still unsealed, so the trainer
+    keeps the limit to itself (see `FerretTrainer.__init__`).
+    """
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        run_dir = args.output_dir
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        _barrier()  # every rank has written its files
+        if args.should_save:
+            self._seal(folder)
         _barrier()
-        if self.args.should_save:
-            self._publish(staging, final)
-        _barrier()
-        # Nodes without a shared file system publish their own ranks' files.
-        if self.is_local_process_zero() and os.path.isdir(staging):
-            self._publish(staging, final)
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final)
-        if self.args.should_save:
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
+        # Nodes without a shared file system seal their own ranks' files.
+        if state.is_local_process_zero and os.path.isdir(folder) and not os.path.isfile(
+                os.path.join(folder, MANIFEST_NAME)):
+            self._seal(folder)
+        if args.should_save:
+            self._rotate(run_dir, state)
+        return control
 
     @staticmethod
-    def _publish(staging: str, final: str) -> None:
-        """Seal ``staging`` (fsync, manifest last) and rename it to ``final``, durably."""
-        write_manifest(staging)
-        if os.path.isdir(final):
-            # The same step saved again (e.g. the final step after a resume): the new save replaces it.
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_path(os.path.dirname(os.path.abspath(final)))
-        logger.info("saved checkpoint %s", final)
+    def _seal(folder: str) -> None:
+        write_manifest(folder)
+        fsync_path(os.path.dirname(os.path.abspath(folder)))
+        logger.info("saved checkpoint %s", folder)
+
+    def _rotate(self, run_dir: str, state) -> None:
+        limit = self.save_total_limit
+        if not limit or limit <= 0:
+            return
+        sealed = sorted(
+            (int(m.group(1)), os.path.join(run_dir, name))
+            for name in os.listdir(run_dir)
+            if (m := CHECKPOINT_RE.match(name)) and os.path.isfile(os.path.join(run_dir, name, MANIFEST_NAME))
+        )
+        keep = {path for _, path in sealed[-limit:]}
+        if state.best_model_checkpoint:
+            keep.add(os.path.join(run_dir, os.path.basename(state.best_model_checkpoint)))
+        for _, path in sealed:
+            if path not in keep:
+                logger.info("deleting %s (save_total_limit=%d)", path, limit)
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def non_lora_trainables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
