@@ -397,7 +397,7 @@ def test_end_to_end_controller_worker_web(loaded, tmp_path):
             client = gws.ControllerClient(ctl.url)
             try:
                 assert client.model_list() == ["tiny-ferret"]
-                settings = gws.BotSettings(client, gws.ConversationLog(str(tmp_path / "logs")), add_region_feature=True)
+                settings = gws.BotSettings(client, gws.ConversationLog(str(tmp_path / "logs")), region_feature=True)
                 session = gws.WebSession()
                 image = make_image(96, 64)
                 strokes = np.zeros((64, 96, 4), np.uint8)
@@ -424,11 +424,16 @@ def test_end_to_end_controller_worker_web(loaded, tmp_path):
 
 
 def test_cli_flags_match_the_original():
-    args = build_arg_parser().parse_args(["--model-path", "/x/final-checkpoint", "--multi-modal", "--keep-aspect-ratio",
-                                          "--num-gpus", "2", "--add_region_feature", "--image_w", "336"])
+    args = build_arg_parser().parse_args(["--model-path", "/x/final-checkpoint", "--keep-aspect-ratio",
+                                          "--add_region_feature", "--image_w", "336"])
     assert (args.host, args.port, args.limit_model_concurrency, args.stream_interval, args.device) == (
         "127.0.0.1", 21002, 5, 1, "auto")
-    assert args.multi_modal and args.keep_aspect_ratio and args.region_feature is True and not args.no_register
+    assert args.keep_aspect_ratio and args.region_feature is True and not args.no_register
+    assert build_arg_parser().parse_args(["--model-path", "m"]).region_feature is None  # as the checkpoint says
+    for refused in (["--multi-modal"], ["--num-gpus", "2"]):  # flags that would do nothing are refused, with why
+        with pytest.raises(SystemExit) as exit_:
+            build_arg_parser().parse_args(["--model-path", "m", *refused])
+        assert exit_.value.code == 2
     # the README's abbreviations are argparse prefixes
     short = build_arg_parser().parse_args(["--model-path", "m", "--worker", "http://a:1", "--controller", "http://b:2"])
     assert (short.worker_address, short.controller_address) == ("http://a:1", "http://b:2")

@@ -50,11 +50,11 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 # Only light modules at the top: `--help` must not pay for torch, transformers or fastapi (they load in main()).
+from ferret.flags import add_region_feature_argument
 from ferret.serve.protocol import (
     API_KEY_ENV,
     RequestError,
     RequestLimits,
-    add_region_feature_arguments,
     check_json_depth,
     check_text,
     decode_image,
@@ -529,7 +529,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--keep-aspect-ratio", action="store_true", help="pad images to a square instead of stretching")
-    add_region_feature_arguments(parser)
+    add_region_feature_argument(parser, default=None)
     parser.add_argument("--limit-model-concurrency", type=int, default=5)
     parser.add_argument("--max-new-tokens-limit", type=int, default=RequestLimits().max_new_tokens)
     parser.add_argument("--max-regions", type=int, default=RequestLimits().max_regions,

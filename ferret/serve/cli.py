@@ -37,7 +37,8 @@ from PIL import Image
 
 from ferret import regions as R
 from ferret.serve.draw import draw_annotated, region_label
-from ferret.serve.protocol import RequestError, add_region_feature_arguments, parse_region, resolve_region_feature
+from ferret.flags import add_region_feature_argument
+from ferret.serve.protocol import RequestError, parse_region, resolve_region_feature
 
 # ferret.serve.inference (torch, transformers) is imported where a model runs, so that --help stays fast.
 
@@ -280,7 +281,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--keep-aspect-ratio", action="store_true", help="pad images to a square instead of stretching")
-    add_region_feature_arguments(parser)
+    add_region_feature_argument(parser, default=None)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=512)

@@ -11,7 +11,7 @@ How it works (docs/compatibility.md §11.3; rebuilt for gradio 6, which has no `
 * **Send** sends the conversation to the controller as structured messages (the OpenAI API's shape: each
   ``[regionN]`` becomes that message's ``<regionK>`` with the region in pixels, points and boxes as numbers,
   sketches as COCO RLE; the image as a data URL). The worker's FerretProcessor builds the ferret_v1 prompt,
-  coordinates and masks; region features are on when the checkpoint has a region sampler (``--add_region_feature``
+  coordinates and masks; region features are on when the checkpoint has a region sampler (``--region-feature``
   forces them on). The controller picks the worker and answers with real statuses (503 no worker, 429 busy).
 * When the answer is complete, its grounded regions (in pixels, from the worker's ``regions`` field, i.e.
   FerretProcessor.post_process) are drawn with their phrases in *Output Vis*.
@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw
 
 from ferret import regions as R
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+from ferret.flags import add_refused_flags, add_region_feature_argument
 from ferret.serve.draw import draw_annotated, region_label, upscale_factor
 from ferret.serve.protocol import (
     API_KEY_ENV,
@@ -445,7 +446,7 @@ def _session_record(session: WebSession) -> dict[str, Any]:
 class BotSettings:
     controller: ControllerClient
     log: ConversationLog
-    add_region_feature: bool = False
+    region_feature: bool | None = None  # None: as the worker's checkpoint says
 
 
 def _without_image_data(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -483,11 +484,10 @@ def answer(settings: BotSettings, session: WebSession, model: str | None, temper
     except UserError as err:
         yield fail(str(err))
         return
-    # region_feature: only an explicit --add_region_feature overrides the worker, which otherwise follows its
-    # checkpoint (a model with a region sampler reads region features)
+    # region_feature None: the worker follows its checkpoint (a model with a region sampler reads region features)
     payload = build_chat_payload(messages, model=model, temperature=float(temperature), top_p=float(top_p),
                                  max_new_tokens=int(min(max_new_tokens, MAX_OUTPUT_TOKENS)), stop=STOP,
-                                 region_feature=True if settings.add_region_feature else None)
+                                 region_feature=settings.region_feature)
     output = ""
     last: dict[str, Any] = {}
     try:
@@ -727,11 +727,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency-count", type=int, default=8, help="answers generated at once")
     parser.add_argument("--model-list-mode", choices=["once", "reload"], default="once")
     parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
-    parser.add_argument("--moderate", action="store_true", help="accepted; moderation is not supported")
-    parser.add_argument("--embed", action="store_true", help="accepted; has no effect")
-    parser.add_argument("--add_region_feature", action="store_true",
-                        help="send region features: [regionN] becomes '[coords] <region_fea>' (the released "
-                             "Ferret checkpoints expect this)")
+    add_refused_flags(parser, "--moderate", "--embed")
+    add_region_feature_argument(parser, default=None)
     parser.add_argument("--max-output-tokens", type=int, default=512,
                         help="the initial value of the 'Max output tokens' slider")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (MB)")
@@ -748,12 +745,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.moderate:
-        logger.warning("--moderate is not supported (it called the OpenAI moderation API); ignoring it")
-    if args.embed:
-        logger.warning("--embed has no effect")
     controller = ControllerClient(args.controller_url)
-    settings = BotSettings(controller, ConversationLog(args.logdir), args.add_region_feature)
+    settings = BotSettings(controller, ConversationLog(args.logdir), args.region_feature)
     models = controller.model_list()
     logger.info("Models: %s", models or "none yet")
     demo = build_demo(args, settings, models)

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 
 from ferret.constants import WORKER_HEART_BEAT_INTERVAL
+from ferret.flags import add_refused_flags, add_region_feature_argument
 
 # Only light modules at the top: `--help` must not pay for torch, transformers or fastapi (they load on use).
 from ferret.serve.protocol import (
@@ -55,7 +56,6 @@ from ferret.serve.protocol import (
     ErrorCode,
     RequestError,
     RequestLimits,
-    add_region_feature_arguments,
     encode_chunk,
     grounded_to_dict,
     parse_generate_request,
@@ -410,17 +410,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=None,
                         help="name to serve under (default: the checkpoint's config.json 'model_name', else the "
                              "folder's name, or its parent's for checkpoint/checkpoint-N/final-checkpoint folders)")
-    parser.add_argument("--multi-modal", action="store_true",
-                        help="deprecated: every Ferret checkpoint is multimodal, whatever its name")
     parser.add_argument("--keep-aspect-ratio", action="store_true",
                         help="pad images to a square instead of stretching them (image_aspect_ratio 'pad')")
-    parser.add_argument("--num-gpus", type=int, default=1, help="ignored; use --device / CUDA_VISIBLE_DEVICES")
     parser.add_argument("--limit-model-concurrency", type=int, default=5)
     parser.add_argument("--stream-interval", type=int, default=1)
     parser.add_argument("--no-register", action="store_true", help="do not register with the controller")
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
-    add_region_feature_arguments(parser)
+    add_region_feature_argument(parser, default=None)
+    add_refused_flags(parser, "--multi-modal", "--num-gpus", takes_value=("--num-gpus",))
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require 'Authorization: Bearer <key>' on /worker_generate_stream (env {API_KEY_ENV})")
     parser.add_argument("--register-secret", default=os.environ.get(WORKER_SECRET_ENV) or None,
@@ -442,10 +440,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.multi_modal:
-        logger.warning("--multi-modal is deprecated and has no effect: Ferret checkpoints are always multimodal")
-    if args.num_gpus != 1:
-        logger.warning("--num-gpus is ignored; choose the device with --device or CUDA_VISIBLE_DEVICES")
     if args.image_w is not None or args.image_h is not None:
         logger.warning("--image_w/--image_h are ignored: the image size comes from the checkpoint's config")
     import uvicorn

@@ -86,7 +86,6 @@ __all__ = [
     "check_text",
     "check_rle_bounds",
     "model_reads_region_features",
-    "add_region_feature_arguments",
     "resolve_region_feature",
     "API_KEY_ENV",
     "WORKER_SECRET_ENV",
@@ -601,17 +600,6 @@ def model_reads_region_features(config: Any) -> bool:
     """Whether a checkpoint reads region features: it does when it has the spatial-aware sampler
     (``region_geo_sampler`` in its config.json)."""
     return bool(getattr(config, "region_geo_sampler", False))
-
-
-def add_region_feature_arguments(parser: Any) -> None:
-    """``--region-feature`` / ``--no-region-feature`` (and the original's spellings) on an argparse parser; the
-    default, None, means "as the checkpoint says" (see ``resolve_region_feature``)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--region-feature", "--add-region-feature", "--add_region_feature", dest="region_feature",
-                       action="store_const", const=True, default=None,
-                       help="force region features on (default: on when the checkpoint has a region sampler)")
-    group.add_argument("--no-region-feature", "--no_region_feature", dest="region_feature", action="store_const",
-                       const=False, help="force region features off: regions are sent as coordinates only")
 
 
 def resolve_region_feature(override: bool | None, config: Any) -> bool:
