@@ -9,7 +9,7 @@ from PIL import Image
 
 from ferret.constants import IGNORE_INDEX
 from ferret.model.builder import load_pretrained_model
-from ferret.model.configuration import FerretConfig, ferret_7b, ferret_13b, small
+from ferret.model.configuration import FerretConfig, ferret_7b, ferret_13b
 from ferret.model.modeling import FerretLlamaForCausalLM, build_model
 from ferret.regions import Box, Point
 

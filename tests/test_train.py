@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from ferret.train.trainer import (
-    FerretTrainer,
     SealCheckpointCallback,
     checkpoint_problems,
     is_complete_checkpoint,

@@ -28,7 +28,7 @@ import signal
 import struct
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -616,6 +616,19 @@ def progress_bar(total_bytes: int, desc: str) -> tqdm:
 def setup_cli_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_weight_tool(work: Callable[[], object]) -> int:
+    """Runs a weight tool's work as a command: logging on, SIGTERM cleans up partial output, and a refused input
+    (CheckpointError, an existing output, a bad value) is one logged line and exit status 1."""
+    setup_cli_logging()
+    exit_cleanly_on_sigterm()
+    try:
+        work()
+    except (CheckpointError, FileExistsError, ValueError) as err:
+        logger.error("%s", err)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------

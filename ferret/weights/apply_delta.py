@@ -45,11 +45,10 @@ from ferret.model.checkpoint import (
     check_output_path,
     copy_side_files,
     copy_vision_tower,
-    exit_cleanly_on_sigterm,
     parse_dtype,
     parse_size,
     progress_bar,
-    setup_cli_logging,
+    run_weight_tool,
 )
 
 logger = logging.getLogger(__name__)
@@ -262,22 +261,15 @@ def apply_delta(
 
 def run(args: argparse.Namespace) -> int:
     """Does the work of `ferret weights apply-delta` (arguments parsed by `ferret.weights.cli`)."""
-    setup_cli_logging()
-    exit_cleanly_on_sigterm()
-    try:
-        apply_delta(
-            args.base_model_path,
-            args.target_model_path,
-            args.delta_path,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            max_shard_size=parse_size(args.max_shard_size),
-            vision_tower_path=args.vision_tower_path,
-        )
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
+    return run_weight_tool(lambda: apply_delta(
+        args.base_model_path,
+        args.target_model_path,
+        args.delta_path,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=parse_size(args.max_shard_size),
+        vision_tower_path=args.vision_tower_path,
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

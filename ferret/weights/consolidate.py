@@ -24,7 +24,6 @@ import torch
 from ferret.model.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     VISION_TOWER_DIR,
-    CheckpointError,
     CheckpointReader,
     ShardedSafetensorsWriter,
     TensorSpec,
@@ -32,11 +31,10 @@ from ferret.model.checkpoint import (
     check_output_path,
     copy_side_files,
     copy_vision_tower,
-    exit_cleanly_on_sigterm,
     parse_dtype,
     parse_size,
     progress_bar,
-    setup_cli_logging,
+    run_weight_tool,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,21 +77,14 @@ def consolidate(
 
 def run(args: argparse.Namespace) -> int:
     """Does the work of `ferret weights consolidate` (arguments parsed by `ferret.weights.cli`)."""
-    setup_cli_logging()
-    exit_cleanly_on_sigterm()
-    try:
-        consolidate(
-            args.src,
-            args.dst,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            max_shard_size=parse_size(args.max_shard_size),
-            vision_tower_path=args.vision_tower_path,
-        )
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
+    return run_weight_tool(lambda: consolidate(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=parse_size(args.max_shard_size),
+        vision_tower_path=args.vision_tower_path,
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,7 @@ from ferret.model.checkpoint import (
     CheckpointReader,
     atomic_output_file,
     check_output_path,
-    exit_cleanly_on_sigterm,
-    setup_cli_logging,
+    run_weight_tool,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,14 +60,7 @@ def extract(
 
 def run(args: argparse.Namespace) -> int:
     """Does the work of `ferret weights extract` (arguments parsed by `ferret.weights.cli`)."""
-    setup_cli_logging()
-    exit_cleanly_on_sigterm()
-    try:
-        extract(args.model_path, args.output, args.keys_to_match, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
+    return run_weight_tool(lambda: extract(args.model_path, args.output, args.keys_to_match, overwrite=args.overwrite))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

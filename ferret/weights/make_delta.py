@@ -27,11 +27,9 @@ import torch
 from ferret.weights.apply_delta import combine_checkpoints
 from ferret.model.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
-    CheckpointError,
-    exit_cleanly_on_sigterm,
     parse_size,
     parse_dtype,
-    setup_cli_logging,
+    run_weight_tool,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,22 +73,15 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Does the work of `ferret weights make-delta` (arguments parsed by `ferret.weights.cli`)."""
-    setup_cli_logging()
-    exit_cleanly_on_sigterm()
-    try:
-        make_delta(
-            args.base_model_path,
-            args.target_model_path,
-            args.delta_path,
-            hub_repo_id=args.hub_repo_id,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            max_shard_size=parse_size(args.max_shard_size),
-        )
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    return 0
+    return run_weight_tool(lambda: make_delta(
+        args.base_model_path,
+        args.target_model_path,
+        args.delta_path,
+        hub_repo_id=args.hub_repo_id,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=parse_size(args.max_shard_size),
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
