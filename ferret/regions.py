@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -57,8 +57,13 @@ __all__ = [
     "strip_regions",
     "shift_region",
     "PLACEHOLDER",
+    "TYPED_PLACEHOLDER",
     "placeholder",
+    "grit_placeholder",
+    "drawn_placeholder",
+    "typed_to_placeholders",
     "find_placeholders",
+    "dense_wh_mask",
     "placeholder_text",
     "mask_stride",
 ]
@@ -272,6 +277,26 @@ def check_rle(
 
 def _is_count(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def dense_wh_mask(value: object, width: int, height: int) -> np.ndarray:
+    """The original's dense mask layout, nested lists ``[W][H]`` (first index = x, non-zero = inside), as a bool
+    mask [H, W]. The nesting is checked against the image's size before any array is built."""
+    _check_image_size(width, height)
+    if not isinstance(value, (list, tuple)) or len(value) != width:
+        got = f"{len(value)} rows" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"a dense mask must be nested lists [W][H] = [{width}][{height}] (first index = x), got {got}")
+    for x, column in enumerate(value):
+        if not isinstance(column, (list, tuple)) or len(column) != height:
+            got = f"{len(column)} values" if isinstance(column, (list, tuple)) else type(column).__name__
+            raise ValueError(f"dense mask row {x} must hold H = {height} values, got {got}")
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"a dense mask must hold numbers only ({err})") from None
+    if not np.isfinite(array).all():
+        raise ValueError("a dense mask holds NaN or infinity")
+    return np.ascontiguousarray(array.T != 0)
 
 
 def _rle_runs(counts: bytes) -> np.ndarray:
@@ -499,11 +524,36 @@ def _within_mask(within: np.ndarray | Box, width: int, height: int, region: Regi
 PLACEHOLDER = re.compile(r"<(?:region|bbox_location)(\d+)>")
 
 
-def placeholder(k: int) -> str:
-    """The placeholder that names region ``k`` of a turn: ``<region{k}>``."""
+# What people type in the web UI and the CLI: ``[region{n}]`` (the original demo's) or ``<region{n}>``, naming the
+# n-th region they drew; ``typed_to_placeholders`` turns it into the placeholders above.
+TYPED_PLACEHOLDER = re.compile(r"\[region(\d+)\]|<region(\d+)>")
+
+
+def _index(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise ValueError(f"a region index must be a non-negative integer, got {k!r}")
-    return f"<region{int(k)}>"
+    return int(k)
+
+
+def placeholder(k: int) -> str:
+    """The placeholder that names region ``k`` of a turn: ``<region{k}>``."""
+    return f"<region{_index(k)}>"
+
+
+def grit_placeholder(k: int) -> str:
+    """The GRIT data's spelling of ``placeholder(k)``: ``<bbox_location{k}>``."""
+    return f"<bbox_location{_index(k)}>"
+
+
+def drawn_placeholder(n: int) -> str:
+    """How the web UI names the n-th drawn region in a question: ``[region{n}]``."""
+    return f"[region{_index(n)}]"
+
+
+def typed_to_placeholders(text: str, number: Callable[[int], int] = lambda n: n) -> str:
+    """``text`` with every ``[region{n}]`` / ``<region{n}>`` written as ``placeholder(number(n))``; ``number``
+    renumbers (the UI numbers regions per message) and may raise ValueError for a region that does not exist."""
+    return TYPED_PLACEHOLDER.sub(lambda m: placeholder(number(int(m.group(1) or m.group(2)))), text)
 
 
 def find_placeholders(text: str) -> list[tuple[int, int, int]]:

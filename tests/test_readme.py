@@ -1,8 +1,8 @@
 """The shell commands of README.md and EVAL.md, pasted as they are into bash (litgpt's test_readme), on a tiny demo.
 
 Every fenced ``bash`` block runs, in order, in a scratch folder laid out like the repository after the Quickstart:
-``.venv/bin/{python,ferret,pip,tensorboard,torchrun}`` run this interpreter on this checkout, ``experiments/`` and
-``scripts/`` are the repository's. A comment line right before a block changes that:
+``.venv/bin/{python,ferret,pip,tensorboard,torchrun}`` run this interpreter on this checkout, ``experiments/``,
+``recipes/`` and ``scripts/`` are the repository's. A comment line right before a block changes that:
 
 * ``<!-- readme-test: skip (why) -->``: not run (real weights, data or GPUs), and the test says why;
 * ``<!-- readme-test: shortened (how) -->``: run with the shortening of `SHORTENINGS`, documented options
@@ -82,7 +82,7 @@ def _workspace(root: Path) -> None:
         script = bin_dir / name
         script.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in argv) + ' "$@"\n')
         script.chmod(0o755)
-    for folder in ("experiments", "scripts"):
+    for folder in ("experiments", "recipes", "scripts"):
         (root / folder).symlink_to(REPO / folder)
 
 

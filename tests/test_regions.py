@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ferret import regions as R
 from ferret.regions import (
     Box,
     FreeForm,
@@ -442,3 +443,30 @@ def test_rle_runs_are_checked_before_decoding():
             FreeForm.from_rle({"size": [4, 4], "counts": counts})
     with pytest.raises(ValueError, match="alphabet|outside"):
         FreeForm.from_rle({"size": [4, 4], "counts": "~~"})
+
+
+def test_dense_wh_mask_reads_the_originals_layout_and_checks_before_building():
+    # [W][H] = 3 x 2: the first index is x, so value[2][0] is the pixel at x=2, y=0 (row 0, column 2 of [H, W])
+    value = [[0, 0], [0, 1], [1, 0]]
+    mask = R.dense_wh_mask(value, 3, 2)
+    assert mask.shape == (2, 3) and mask.dtype == bool
+    assert mask.tolist() == [[False, False, True], [False, True, False]]
+    with pytest.raises(ValueError, match=r"\[W\]\[H\] = \[2\]\[3\].*got 3 rows"):
+        R.dense_wh_mask(value, 2, 3)  # an [H][W] list for a 2x3 image
+    with pytest.raises(ValueError, match="row 1 must hold H = 2 values, got 3"):
+        R.dense_wh_mask([[0, 0], [0, 0, 1], [1, 0]], 3, 2)
+    with pytest.raises(ValueError, match="numbers only"):
+        R.dense_wh_mask([[0, "x"], [0, 1], [1, 0]], 3, 2)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        R.dense_wh_mask([[0, float("nan")], [0, 1], [1, 0]], 3, 2)
+
+
+def test_typed_placeholders_become_the_processors():
+    assert R.typed_to_placeholders("Is [region2] left of <region0>?") == "Is <region2> left of <region0>?"
+    first_mention = {}
+    renumbered = R.typed_to_placeholders("[region5] and [region1], again [region5]",
+                                         lambda n: first_mention.setdefault(n, len(first_mention)))
+    assert renumbered == "<region0> and <region1>, again <region0>"
+    assert R.grit_placeholder(3) == "<bbox_location3>" and R.drawn_placeholder(0) == "[region0]"
+    with pytest.raises(ValueError, match="non-negative integer"):
+        R.grit_placeholder(-1)

@@ -91,7 +91,17 @@ from ferret.constants import GRID_SIZE
 from ferret.eval.common import format_table, load_predictions, metrics_path, read_jsonl, write_json
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.flags import program_name
-from ferret.regions import Box, Point, Region, parse_regions, region_to_text, strip_regions, to_grid
+from ferret.regions import (
+    PLACEHOLDER,
+    Box,
+    Point,
+    Region,
+    parse_regions,
+    placeholder,
+    region_to_text,
+    strip_regions,
+    to_grid,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -120,7 +130,6 @@ FAILED_SCORES = [-1.0, -1.0]
 REVIEW_PREFIXES = ("review_", "reviews_", "gpt4_text")
 KEY_FIELDS = ("question_id",)
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
-_PLACEHOLDER = re.compile(r"<region(\d+)>")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +194,7 @@ def _float_regions(text: str) -> tuple[str, list[tuple[float, ...]]]:
         if len(values) not in (2, 4):
             return match.group(0)
         found.append(values)
-        return f"<region{len(found) - 1}>"
+        return placeholder(len(found) - 1)
 
     return _BRACKET.sub(replace, text), found
 
@@ -233,7 +242,7 @@ def _bench_question(prompt: str, values: list[tuple[float, ...]], where: str, im
         coords = original_grid_text(values[int(match.group(1))])
         return f"{coords} {match.group(0)}" if region_feature else coords
 
-    question = _PLACEHOLDER.sub(replace, prompt)
+    question = PLACEHOLDER.sub(replace, prompt)
     return question, (regions if region_feature else []), None, region_feature
 
 

@@ -71,7 +71,7 @@ from ferret.eval.common import (
 )
 from ferret.eval.inference import Query, add_inference_arguments, infer_from_args
 from ferret.flags import program_name
-from ferret.regions import Box, FreeForm, Point
+from ferret.regions import Box, FreeForm, Point, dense_wh_mask
 
 logger = logging.getLogger(__name__)
 
@@ -219,17 +219,15 @@ def score_lvis(
 
 
 def free_shape_mask(value: Any, width: int, height: int, where: str = "") -> np.ndarray:
-    """A record's free-form mask as bool [H, W]: a dense 2-D list shaped [W, H] (the original's layout,
-    transposed here) or a COCO RLE dict. ValueError (naming ``where``) for any other shape."""
+    """A record's free-form mask as bool [H, W]: a dense 2-D list shaped [W, H] (the original's layout) or a COCO
+    RLE dict. ValueError (naming ``where``) for any other shape."""
     if isinstance(value, dict):
         return decode_segmentation(value, width, height, f"{where}: free_shape_segment_mask")
-    declared = (len(value), len(value[0]) if len(value) and isinstance(value[0], list) else -1) \
-        if isinstance(value, list) else None
-    array = np.asarray(value) if declared == (width, height) else np.zeros((0,))
-    if array.ndim != 2 or array.shape != (width, height):
+    try:
+        return dense_wh_mask(value, width, height)
+    except ValueError as err:
         raise ValueError(f"{where}: free_shape_segment_mask must be a 2-D list shaped [W, H] = [{width}, {height}] "
-                         f"(first index = x) or an RLE dict, got shape {list(array.shape)}")
-    return array.T != 0
+                         f"(first index = x) or an RLE dict: {err}") from None
 
 
 def _lvis_region(record: dict[str, Any], region_format: str, where: str, image: Image.Image):

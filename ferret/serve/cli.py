@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -46,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 REGION_KINDS = ("point", "box", "polygon", "scribble", "mask")
 SCRIBBLE_RADIUS = 2  # a scribble is a 5 px wide stroke
-# `[regionK]` (the web UI's way) is accepted in questions and read as `<regionK>` (the processor's).
-BRACKET_PLACEHOLDER = re.compile(r"\[region(\d+)\]")
 
 HELP = (
     "Ask about the image; refer to regions as <region0> (or [region0]), <region1>, ... Commands:\n"
@@ -168,10 +165,11 @@ class ChatSession:
         """
         from ferret.serve.inference import run_sync
 
-        question = BRACKET_PLACEHOLDER.sub(r"<region\1>", question)
+        question = R.typed_to_placeholders(question)  # `[regionK]` (the web UI's way) reads as `<regionK>`
         for k in range(len(regions)):
-            if f"<region{k}>" not in question:
-                print(f"warning: region {k} is not referred to in the question (write <region{k}>)", file=sys.stderr)
+            if R.placeholder(k) not in question:
+                print(f"warning: region {k} is not referred to in the question (write {R.placeholder(k)})",
+                      file=sys.stderr)
         turns = self.turns + [{"from": "human", "value": question}]
         turn_regions = self.regions + [list(regions)]
 

@@ -137,7 +137,7 @@ def draw_grounding(image: Image.Image, grounded: Iterable[R.GroundedRegion]) -> 
 
 def region_label(index: int) -> str:
     """The name a referring region is shown under: ``[region0]``, ``[region1]``... (the original UI's)."""
-    return f"[region{index}]"
+    return R.drawn_placeholder(index)
 
 
 def upscale_factor(size: tuple[int, int], min_side: int = 448, max_factor: int = 16) -> int:

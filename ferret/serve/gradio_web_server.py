@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -68,7 +67,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REFER_TYPES = ("Point", "Box", "Sketch")
-PLACEHOLDER = re.compile(r"\[region(\d+)\]|<region(\d+)>")
 STOP = "</s>"
 MAX_OUTPUT_TOKENS = 1024
 CONNECT_TIMEOUT = 5.0
@@ -276,7 +274,7 @@ def add_text(session: WebSession, text: str, editor_value: Mapping[str, Any] | N
         session.set_image(image)
     if session.image is None:
         raise UserError("upload an image first")
-    for match in PLACEHOLDER.finditer(text):
+    for match in R.TYPED_PLACEHOLDER.finditer(text):
         k = int(match.group(1) or match.group(2))
         if k >= len(session.regions):
             raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(session.regions)} region(s)")
@@ -304,14 +302,13 @@ def build_messages(turns: Sequence[Mapping[str, str]], regions: Sequence[R.Regio
         is_user = turn["from"] == "human"
         used: dict[int, int] = {}
 
-        def replace(match: re.Match) -> str:
-            n = int(match.group(1) or match.group(2))
+        def number(n: int) -> int:
             if n >= len(regions):
-                raise UserError(f"{match.group(0)} has not been drawn: the cache holds {len(regions)} region(s)")
-            k = used.setdefault(n, len(used))
-            return f"<region{k}>"
+                raise UserError(f"{R.drawn_placeholder(n)} has not been drawn: the cache holds {len(regions)} "
+                                "region(s)")
+            return used.setdefault(n, len(used))
 
-        text = PLACEHOLDER.sub(replace, turn["value"]) if is_user else turn["value"]
+        text = R.typed_to_placeholders(turn["value"], number) if is_user else turn["value"]
         texts.append({"from": turn["from"], "value": text})
         per_turn.append([regions[n] for n in used])
     return chat_messages(texts, image, per_turn)

@@ -305,23 +305,18 @@ def _preview(value: Any, limit: int = 60) -> str:
 
 def parse_dense_mask(mask: Any, index: int, image_size: tuple[int, int]) -> RegionSpec:
     """The original's ``region_masks[index]``: nested lists laid out [W][H]; returned as a [H, W] bool mask."""
-    width, height = image_size
-    import numpy as np
+    from ferret import regions as R
 
+    width, height = image_size
     where = f"region_masks[{index}]"
-    try:
-        array = np.asarray(mask, dtype=np.float32)
-    except (ValueError, TypeError) as err:
-        raise RequestError(f"{where} must be a rectangular [W][H] list of numbers ({err})", 400) from err
-    if array.ndim != 2:
-        raise RequestError(f"{where} must be 2-D [W][H], got {array.ndim}-D", 400)
-    if array.shape != (width, height):
+    if isinstance(mask, list) and mask and isinstance(mask[0], list) and (len(mask), len(mask[0])) != image_size:
         raise RequestError(
-            f"{where} has shape [W][H] = {list(array.shape)} but the image is W={width}, H={height}", 422
+            f"{where} has shape [W][H] = {[len(mask), len(mask[0])]} but the image is W={width}, H={height}", 422
         )
-    if not np.isfinite(array).all():
-        raise RequestError(f"{where} contains NaN or infinity", 422)
-    hw = np.ascontiguousarray(array.T > 0)
+    try:
+        hw = R.dense_wh_mask(mask, width, height)
+    except ValueError as err:
+        raise RequestError(f"{where}: {err}", 422) from err
     if not hw.any():
         raise RequestError(f"{where} is empty", 422)
     return RegionSpec(index, "mask", mask=hw)
@@ -465,7 +460,7 @@ def load_data_url(url: Any, where: str, limits: RequestLimits = RequestLimits())
 
 def _placeholders(text: str) -> list[tuple[str, int]]:
     """(placeholder, region index) of each ``<regionK>`` / ``<bbox_locationK>`` in ``text``."""
-    from ferret.processing import PLACEHOLDER  # the processor owns the placeholder syntax
+    from ferret.regions import PLACEHOLDER  # the one definition of the placeholder syntax
 
     found = []
     for match in PLACEHOLDER.finditer(text):
@@ -556,7 +551,10 @@ def parse_chat_messages(messages: Any, limits: RequestLimits = RequestLimits(),
             raise RequestError(f"{where}.regions given but the conversation has no image", 400)
         if len(specs) > limits.max_regions:
             raise RequestError(f"{where} has {len(specs)} regions; at most {limits.max_regions}", 422)
-        for placeholder, k in _placeholders(turn["value"]):
+        from ferret import regions as R
+
+        referred = _placeholders(turn["value"])
+        for placeholder, k in referred:
             if k >= len(specs):
                 number = placeholder.strip("<>").lstrip("abcdefghijklmnopqrstuvwxyz_")
                 raise RequestError(f"{where}: {placeholder} refers to region {number} but the message has "
@@ -568,8 +566,9 @@ def parse_chat_messages(messages: Any, limits: RequestLimits = RequestLimits(),
                 turn_regions.append(parse_region(spec, k, (width, height)).to_region(width, height))
             except RequestError as err:
                 raise RequestError(f"{where}: {err.message}", err.status) from err
-            if f"<region{k}>" not in turn["value"] and f"<bbox_location{k}>" not in turn["value"]:
-                raise RequestError(f"{where}: region {k} is not referred to; write <region{k}> in the text", 422)
+            if all(number != k for _, number in referred):
+                raise RequestError(f"{where}: region {k} is not referred to; write {R.placeholder(k)} in the text",
+                                   422)
         regions.append(turn_regions)
     return ChatInput(turns, image, regions)
 

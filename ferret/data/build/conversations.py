@@ -215,7 +215,7 @@ def split_turns(reply: str) -> list[dict]:
 def parse_reply(reply: str, context: dict) -> dict:
     """A reply -> a GRIT record, or Unparseable naming the reason. ``context``: the line of responses.jsonl."""
     from ferret.data.grit import DATASET_TYPES, check_record
-    from ferret.regions import parse_regions
+    from ferret.regions import grit_placeholder, parse_regions
 
     width, height = context["image_w"], context["image_h"]
     table = {text: tuple(box) for text, box in context["boxes"].items()}
@@ -241,7 +241,7 @@ def parse_reply(reply: str, context: dict) -> dict:
             key = "[{}, {}, {}, {}]".format(*found.grid)
             if key not in table:
                 raise Unparseable("unknown_region", f"turn {t} writes {key}, which is not an annotated box")
-            pieces += [text[cursor:found.span[0]], f"<bbox_location{len(turn_boxes)}>"]
+            pieces += [text[cursor:found.span[0]], grit_placeholder(len(turn_boxes))]
             turn_boxes.append(list(table[key]))
             cursor = found.span[1]
         pieces.append(text[cursor:])

@@ -9,6 +9,8 @@ The loaders turn placeholders into ``[x1, y1, x2, y2] <region_fea>`` (or a point
 
 from __future__ import annotations
 
+from ferret.regions import grit_placeholder
+
 TEMPLATES: dict[str, dict[str, list[str]]] = {
     # objects: VG objects, COCO instances, LVIS, Objects365
     "object": {
@@ -74,7 +76,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
 
 def boxes_text(n: int, start: int = 0) -> str:
     """``"<bbox_location0>, <bbox_location1>"`` for n regions from ``start``."""
-    return ", ".join(f"<bbox_location{k}>" for k in range(start, start + n))
+    return ", ".join(grit_placeholder(k) for k in range(start, start + n))
 
 
 def article(word: str) -> str:
