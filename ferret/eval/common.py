@@ -305,6 +305,18 @@ class PredictionStream:
         if self.problems[kind] <= self.LOGGED_PER_KIND:
             logger.warning("unusable prediction (%s) %s%s", kind, where, f": {detail}" if detail else "")
 
+    def boxes(self, prediction: Mapping[str, Any], width: int, height: int, where: str) -> list[AnswerBox] | None:
+        """``answer_boxes`` of a grounding prediction, or None after counting it as ``no_text`` (no answer) or
+        ``bad_regions`` (a malformed stored ``regions`` list)."""
+        if "text" not in prediction and "regions" not in prediction:
+            self.reject("no_text", where)
+            return None
+        try:
+            return answer_boxes(prediction, width, height)
+        except ValueError as exc:
+            self.reject("bad_regions", where, str(exc))
+            return None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.records is not None:
             for number, record in enumerate(self.records):

@@ -63,7 +63,6 @@ from ferret.eval.common import (
     AnswerBox,
     PredictionStream,
     StreamAlignment,
-    answer_boxes,
     format_table,
     metrics_path,
     normalize_phrase,
@@ -313,13 +312,8 @@ def score_flickr(
     without_type = 0
     for sentence, prediction in alignment.pairs(stream, lambda p: (str(p["image_id"]), int(p["sentence_id"]))):
         where = f"Flickr image {sentence.image_id} sentence {sentence.sentence_id}"
-        if "text" not in prediction and "regions" not in prediction:
-            stream.reject("no_text", where)
-            continue
-        try:
-            found = answer_boxes(prediction, sentence.width, sentence.height)
-        except ValueError as exc:
-            stream.reject("bad_regions", where, str(exc))
+        found = stream.boxes(prediction, sentence.width, sentence.height, where)
+        if found is None:
             continue
         seen: dict[str, int] = defaultdict(int)
         for phrase in sentence.phrases:

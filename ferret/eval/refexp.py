@@ -49,7 +49,6 @@ from typing import Any
 from ferret.eval.common import (
     PredictionStream,
     StreamAlignment,
-    answer_boxes,
     format_table,
     metrics_path,
     write_json,
@@ -141,13 +140,8 @@ def score_refexp(
     size_mismatch = 0
     for item, prediction in alignment.pairs(stream, lambda p: str(p["image_id"])):
         where = f"image_id {item.image_id}"
-        if "text" not in prediction and "regions" not in prediction:
-            stream.reject("no_text", where)
-            continue
-        try:
-            found = answer_boxes(prediction, item.width, item.height)
-        except ValueError as exc:
-            stream.reject("bad_regions", where, str(exc))
+        found = stream.boxes(prediction, item.width, item.height, where)
+        if found is None:
             continue
         recorded_size = (prediction.get("width"), prediction.get("height"))
         if None not in recorded_size and tuple(map(int, recorded_size)) != (item.width, item.height):
