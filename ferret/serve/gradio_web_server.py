@@ -639,7 +639,7 @@ def build_demo(args: argparse.Namespace, settings: BotSettings, models: list[str
         # Everything back to the start. An editor holding a picture gets the value None: gradio 6 then clears its
         # canvas and is ready for the next upload. An empty editor is left alone: resetting it again (None, an
         # empty EditorValue or gr.ImageEditor(value=None)) could leave it stuck at "processing".
-        # tests/test_serve_browser.py clears both and uploads and draws again.
+        # tests/serve/test_serve_browser.py clears both and uploads and draws again.
         has_picture = bool(editor_value) and editor_value.get("background") is not None
         return WebSession(), [], "", [], None, None, None if has_picture else gr.skip()
 

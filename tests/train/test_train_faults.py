@@ -25,7 +25,7 @@ import torch
 from ferret.model.checkpoint import MANIFEST_NAME, folder_problems
 from ferret.train.trainer import checkpoint_problems, latest_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 8, 2
 
 

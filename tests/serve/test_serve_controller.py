@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ferret.serve.controller import Controller, WorkerInfo, build_arg_parser, create_app  # noqa: E402
 from ferret.serve.protocol import ErrorCode, encode_chunk, iter_messages  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeClock:

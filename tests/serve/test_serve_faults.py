@@ -8,7 +8,7 @@
   how long the worker stays in rotation, and asserts the bounds (first-token and stall deadlines, immediate
   removal). Run it alone to see the figures::
 
-      PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python -m pytest -q -s tests/test_serve_faults.py -k faults
+      PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python -m pytest -q -s tests/serve/test_serve_faults.py -k faults
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from ferret.train.trainer import (
     non_lora_trainables,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
