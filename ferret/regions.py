@@ -210,6 +210,22 @@ class FreeForm:
             raise ValueError(f"RLE decoded to shape {decoded.shape}, expected [h, w] = [{h}, {w}]")
         return cls(decoded != 0)
 
+    @classmethod
+    def from_coco_segmentation(cls, segmentation: object, width: int, height: int) -> FreeForm:
+        """A COCO segmentation of a ``width`` x ``height`` image: an RLE dict (its declared size checked against
+        the image before anything is decoded) or a list of flat polygons ``[x1, y1, x2, y2, ...]`` (their union)."""
+        if isinstance(segmentation, dict):
+            return cls.from_rle(segmentation, image_size=(width, height))
+        if not isinstance(segmentation, (list, tuple)) or not segmentation:
+            raise ValueError(f"a segmentation is an RLE dict or a non-empty list of polygons, got {_short(segmentation)}")
+        mask = None
+        for polygon in segmentation:
+            if not isinstance(polygon, (list, tuple)) or len(polygon) < 6 or len(polygon) % 2:
+                raise ValueError(f"a segmentation polygon needs at least 3 (x, y) pairs, got {_short(polygon)}")
+            part = cls.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
+            mask = part if mask is None else mask | part
+        return cls(mask)
+
     def to_rle(self) -> dict:
         """Encode as a COCO RLE dict ``{"size": [h, w], "counts": str}``."""
         from pycocotools import mask as mask_utils

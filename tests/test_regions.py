@@ -470,3 +470,17 @@ def test_typed_placeholders_become_the_processors():
     assert R.grit_placeholder(3) == "<bbox_location3>" and R.drawn_placeholder(0) == "[region0]"
     with pytest.raises(ValueError, match="non-negative integer"):
         R.grit_placeholder(-1)
+
+
+def test_coco_segmentation_is_checked_against_its_image_then_decoded():
+    # two polygons, as COCO writes them: a 5x5 square (2..6) and a small triangle; their union
+    square = R.FreeForm.from_coco_segmentation([[2, 2, 6, 2, 6, 6, 2, 6], [10, 1, 12, 1, 12, 3]], 20, 10).mask
+    assert square.shape == (10, 20) and square[2:7, 2:7].all() and square[1, 10] and not square[8, 8]
+    rle = R.FreeForm(square).to_rle()
+    assert np.array_equal(R.FreeForm.from_coco_segmentation(rle, 20, 10).mask, square)
+    with pytest.raises(ValueError, match=r"differs from the image's \[5, 20\]"):
+        R.FreeForm.from_coco_segmentation(rle, 20, 5)
+    with pytest.raises(ValueError, match="at least 3"):
+        R.FreeForm.from_coco_segmentation([[1, 1, 5, 5]], 20, 10)
+    with pytest.raises(ValueError, match="non-empty list of polygons"):
+        R.FreeForm.from_coco_segmentation([], 20, 10)

@@ -76,7 +76,6 @@ __all__ = [
     "align",
     "answer_boxes",
     "answer_text",
-    "check_rle_size",
     "decode_segmentation",
     "regions_record",
     "chunk_file_name",
@@ -409,33 +408,16 @@ class StreamAlignment:
                 "duplicates": self.duplicates, "complete": not missing}
 
 
-def check_rle_size(rle: Any, width: int, height: int, where: str = "") -> None:
-    """Raise ValueError unless ``rle`` is a dict whose declared ``size`` is ``[height, width]`` of its image.
-
-    Called before any RLE is decoded, so a record declaring a huge size is refused without allocating it.
-    """
-    size = rle.get("size") if isinstance(rle, dict) else None
-    if not isinstance(size, (list, tuple)) or [int(v) if isinstance(v, (int, float)) else v for v in size] != [
-            int(height), int(width)]:
-        raise ValueError(f"{where}: RLE size {size!r} is not [h, w] = [{height}, {width}] of the image")
-
-
 def decode_segmentation(segmentation: Any, width: int, height: int, where: str = "") -> np.ndarray:
-    """A COCO segmentation (an RLE dict, or a list of flat polygons ``[x1, y1, x2, y2, ...]``) as bool [H, W],
-    through ``ferret.regions.FreeForm``; the RLE's declared size is checked against the image first."""
+    """A COCO segmentation (an RLE dict, or a list of flat polygons) as bool [H, W]
+    (``ferret.regions.FreeForm.from_coco_segmentation``: an RLE's declared size is checked against the image before
+    it is decoded); ValueError naming ``where``."""
     from ferret.regions import FreeForm
 
-    if isinstance(segmentation, dict):
-        check_rle_size(segmentation, width, height, where)
-        return np.asarray(FreeForm.from_rle(segmentation).mask)
-    if not isinstance(segmentation, list) or not segmentation:
-        raise ValueError(f"{where}: a segmentation is an RLE dict or a non-empty list of polygons")
-    mask = np.zeros((height, width), dtype=bool)
-    for polygon in segmentation:
-        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
-            raise ValueError(f"{where}: a segmentation polygon needs at least 3 (x, y) pairs, got {_short(polygon)}")
-        mask |= FreeForm.from_polygon(list(zip(polygon[0::2], polygon[1::2])), width, height).mask
-    return mask
+    try:
+        return FreeForm.from_coco_segmentation(segmentation, width, height).mask
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 def answer_text(record: Mapping[str, Any], fields: Sequence[str] = ("text",)) -> str:

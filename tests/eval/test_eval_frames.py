@@ -161,7 +161,8 @@ def test_segmentations_are_checked_before_they_are_decoded():
 
     bomb = {"size": [1000000, 1000000], "counts": "0" * 148}
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"RLE size \[1000000, 1000000\] is not \[h, w\] = \[10, 20\]"):
+    declared = r"record 3: RLE size \[h, w\] = \[1000000, 1000000\] differs from the image's \[10, 20\]"
+    with pytest.raises(ValueError, match=declared):
         decode_segmentation(bomb, 20, 10, "record 3")
     with pytest.raises(ValueError, match="RLE size"):
         free_shape_mask(bomb, 20, 10, "LVIS record 3")
