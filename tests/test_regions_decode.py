@@ -7,31 +7,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
+from serve_helpers import coco_rle_counts
 
 from ferret.regions import MAX_MASK_PIXELS, FreeForm, check_rle
-
-
-def rle_string(runs: list[int]) -> str:
-    """COCO's compressed counts of ``runs`` (the format pycocotools writes): from the third run on, the
-    difference to the run two places earlier, in little-endian 5-bit groups offset by 48, 0x20 = more follows."""
-    out = []
-    for i, run in enumerate(runs):
-        x = run - runs[i - 2] if i > 2 else run
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
 
 
 def bomb() -> dict:
     """An RLE declaring a 10^6 x 10^6 mask whose runs do cover all 10^12 pixels, in under 150 bytes."""
     runs = [0] + [7_812_500_000] * 128  # 128 x 7.8125e9 = 1e12
-    return {"size": [1_000_000, 1_000_000], "counts": rle_string(runs)}
+    return {"size": [1_000_000, 1_000_000], "counts": coco_rle_counts(runs)}
 
 
 def test_rle_string_matches_pycocotools():
@@ -47,7 +31,7 @@ def test_rle_string_matches_pycocotools():
             value, count = v, 0
         count += 1
     runs.append(count)
-    assert rle_string(runs) == encoded["counts"].decode("ascii")
+    assert coco_rle_counts(runs) == encoded["counts"].decode("ascii")
 
 
 def test_rle_bomb_is_refused_before_decoding():
