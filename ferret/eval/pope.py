@@ -141,6 +141,16 @@ def score_pope(questions: list[dict[str, Any]], predictions: Any) -> dict[str, A
     by_id = all("question_id" in q for q in questions) and first is not None and "question_id" in first
     labels: list[str] = []
     predicted: list[str] = []
+
+    def read(question: dict[str, Any], prediction: dict[str, Any], index: int, where: str) -> None:
+        try:
+            answer = _answer(prediction)
+        except ValueError as exc:
+            stream.reject("no_text", where, str(exc))
+            return
+        labels.append(_label(question, index))
+        predicted.append(decide_yes_no(answer))
+
     if by_id:
         alignment = StreamAlignment(questions, lambda q: str(q["question_id"]), "POPE question")
 
@@ -148,13 +158,7 @@ def score_pope(questions: list[dict[str, Any]], predictions: Any) -> dict[str, A
             return str(record["question_id"])
 
         for index, (question, prediction) in enumerate(alignment.pairs(records, key, stream)):
-            try:
-                answer = _answer(prediction)
-            except ValueError as exc:
-                stream.reject("no_text", f"question_id={question['question_id']}", str(exc))
-                continue
-            labels.append(_label(question, index))
-            predicted.append(decide_yes_no(answer))
+            read(question, prediction, index, f"question_id={question['question_id']}")
         report = alignment.report()
     else:
         records = list(records)
@@ -164,13 +168,7 @@ def score_pope(questions: list[dict[str, Any]], predictions: Any) -> dict[str, A
                 "questions (and not every question has a question_id)"
             )
         for index, (question, prediction) in enumerate(zip(questions, records)):
-            try:
-                answer = _answer(prediction)
-            except ValueError as exc:
-                stream.reject("no_text", f"prediction #{index}", str(exc))
-                continue
-            labels.append(_label(question, index))
-            predicted.append(decide_yes_no(answer))
+            read(question, prediction, index, f"prediction #{index}")
         report = {"evaluated": len(labels), "missing": 0, "unexpected": 0, "duplicates": 0, "complete": True}
     metrics = confusion_metrics(predicted, labels)
     return {

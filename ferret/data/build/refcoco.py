@@ -88,13 +88,16 @@ def build_refs(ctx: BuildContext, refs_path: str, instances_path: str | None, im
                              for s in ref.get("sentences") or [] if isinstance(s, dict)]
                 for sentence in dict.fromkeys(s for s in sentences if s):
                     expressions.append((sentence, target))
-            if not expressions:
-                continue
-            source.images_used += 1
-            source.units += len(expressions)
-            draws = ctx.draws("refexp", f"{name}/{image['id']}")
-            ctx.emit("refexp", source, image_folder, ref_image, f"{name}/{image['id']}",
-                     expression_qas(expressions, draws), draws)
+            if expressions:
+                _emit_expressions(ctx, source, image_folder, ref_image, f"{name}/{image['id']}", expressions)
+
+
+def _emit_expressions(ctx: BuildContext, source, image_folder: str, ref_image, key: str, expressions: list) -> None:
+    """One record of referring-expression questions about one image (``key`` seeds its draws)."""
+    source.images_used += 1
+    source.units += len(expressions)
+    draws = ctx.draws("refexp", key)
+    ctx.emit("refexp", source, image_folder, ref_image, key, expression_qas(expressions, draws), draws)
 
 
 def build_mdetr(ctx: BuildContext, path: str, image_folder: str) -> None:
@@ -138,12 +141,7 @@ def build_mdetr(ctx: BuildContext, path: str, image_folder: str) -> None:
                         expressions.append((item["expression"], Target(tuple(box), segmentation or None)))
                     else:
                         source.dropped["expression_with_several_boxes"] += 1
-                if not expressions:
-                    continue
-                source.images_used += 1
-                source.units += len(expressions)
-                draws = ctx.draws("refexp", f"{name}/{coco_id}")
-                ctx.emit("refexp", source, image_folder, ref_image, f"{name}/{coco_id}",
-                         expression_qas(expressions, draws), draws)
+                if expressions:
+                    _emit_expressions(ctx, source, image_folder, ref_image, f"{name}/{coco_id}", expressions)
         finally:
             by_picture.close()

@@ -48,6 +48,26 @@ def present(objects: list[NamedObject]) -> tuple[set[str], set[str]]:
     return names, {s for o in objects for s in o.synsets}
 
 
+def _groundable(objects: list[NamedObject], stats: Counter, task: str, max_instances: int):
+    """(name, objects of that name) for every name with at most ``max_instances`` instances; the others are
+    counted as ``{task}_skipped_too_many_instances``."""
+    for name, group in group_by_name(objects).items():
+        if len(group) > max_instances:
+            stats[f"{task}_skipped_too_many_instances"] += 1
+            continue
+        yield name, group
+
+
+def _absent_qas(objects: list[NamedObject], absent: AbsentNames | None, asked: int, share: float, draws: Draws,
+                question: list[str], answer: list[str]) -> list[QA]:
+    """Questions about names absent from the image, ``share`` of all (``asked`` present ones), answered no."""
+    if absent is None:
+        return []
+    names, synsets = present(objects)
+    return [QA(fill(draws.pick(question), name=name), fill(draws.pick(answer), name=name), negative=True)
+            for name in absent.draw(names, synsets, negatives_for(asked, share, draws), draws)]
+
+
 def object_qas(objects: list[NamedObject], draws: Draws, stats: Counter, absent: AbsentNames | None,
                share: float, max_instances: int) -> list[QA]:
     """Refer to every object ("What is the object <r>?" -> name), ground every name ("Where is the dog?" ->
@@ -55,20 +75,12 @@ def object_qas(objects: list[NamedObject], draws: Draws, stats: Counter, absent:
     t = TEMPLATES["object"]
     qas = [QA(fill(draws.pick(t["refer_q"])), fill(draws.pick(t["refer_a"]), name=o.name), [o.target], [])
            for o in objects]
-    grounding = []
-    for name, group in group_by_name(objects).items():
-        if len(group) > max_instances:
-            stats["ground_skipped_too_many_instances"] += 1
-            continue
-        grounding.append(QA(fill(draws.pick(t["ground_q"]), name=name),
-                            fill(draws.pick(t["ground_a"]), name=name, boxes=boxes_text(len(group))),
-                            [], [o.target for o in group]))
+    grounding = [QA(fill(draws.pick(t["ground_q"]), name=name),
+                    fill(draws.pick(t["ground_a"]), name=name, boxes=boxes_text(len(group))),
+                    [], [o.target for o in group])
+                 for name, group in _groundable(objects, stats, "ground", max_instances)]
     qas += grounding
-    if absent is not None:
-        names, synsets = present(objects)
-        for name in absent.draw(names, synsets, negatives_for(len(grounding), share, draws), draws):
-            qas.append(QA(fill(draws.pick(t["ground_q"]), name=name), fill(draws.pick(t["absent_a"]), name=name),
-                          negative=True))
+    qas += _absent_qas(objects, absent, len(grounding), share, draws, t["ground_q"], t["absent_a"])
     return draws.shuffle(qas)
 
 
@@ -77,17 +89,9 @@ def yesno_qas(objects: list[NamedObject], draws: Draws, stats: Counter, absent: 
     """"Is there a dog in the image?": yes with the dogs' boxes for present names, no for absent ones, the
     latter making ``share`` of the questions."""
     t = TEMPLATES["yesno"]
-    qas = []
-    for name, group in group_by_name(objects).items():
-        if len(group) > max_instances:
-            stats["yesno_skipped_too_many_instances"] += 1
-            continue
-        qas.append(QA(fill(draws.pick(t["question"]), name=name),
-                      fill(draws.pick(t["yes"]), name=name, boxes=boxes_text(len(group))),
-                      [], [o.target for o in group]))
-    if absent is not None:
-        names, synsets = present(objects)
-        for name in absent.draw(names, synsets, negatives_for(len(qas), share, draws), draws):
-            qas.append(QA(fill(draws.pick(t["question"]), name=name), fill(draws.pick(t["no"]), name=name),
-                          negative=True))
+    qas = [QA(fill(draws.pick(t["question"]), name=name),
+              fill(draws.pick(t["yes"]), name=name, boxes=boxes_text(len(group))),
+              [], [o.target for o in group])
+           for name, group in _groundable(objects, stats, "yesno", max_instances)]
+    qas += _absent_qas(objects, absent, len(qas), share, draws, t["question"], t["no"])
     return draws.shuffle(qas)
