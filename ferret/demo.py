@@ -126,6 +126,8 @@ class DemoConfig:
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
+    # The trainer's --loss_average: "sample" weighs a one-word yes/no answer as much as a described image.
+    loss_average: str = "token"
     seed: int = 0
     logging_steps: int = 10
     # A resumable checkpoint every this many steps (0: a sixth of max_steps, at least 25).
@@ -484,6 +486,7 @@ def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_
         "--lr_scheduler_type", "cosine",
         "--warmup_ratio", str(config.warmup_ratio),
         "--weight_decay", str(config.weight_decay),
+        "--loss_average", config.loss_average,
         "--max_grad_norm", "1.0",
         "--logging_steps", str(config.logging_steps),
         "--save_strategy", "steps",
@@ -874,6 +877,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                             help=f"default {getattr(defaults, name)}")
     parser.add_argument("--learning-rate", type=float, default=None, help=f"default {defaults.learning_rate}")
+    parser.add_argument("--loss-average", choices=("token", "sample"), default=None,
+                        help=f"the trainer's --loss_average (default {defaults.loss_average})")
     return parser
 
 
@@ -884,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiny:
         overrides.update(TINY)
     for name in ("threads", "precision", "seed", "max_steps", "batch_size", "num_train", "num_test", "tower_steps", "save_steps",
-                 "learning_rate"):
+                 "learning_rate", "loss_average"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")

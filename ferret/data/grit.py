@@ -850,6 +850,7 @@ class GritDataset(torch.utils.data.Dataset):
         self.bad_by_reason: dict[str, int] = {}
         self.bad_seen: dict[tuple[str, int], str] = {}
         self.last_skipped: list[tuple[str, int, str]] = []
+        self.last_task: str | None = None  # the "task" field of the record the latest ``dataset[i]`` returned
         for f in self.files:
             logger.info("%s: %d records, type %s, images in %s", f.path, len(f), f.dtype.name, f.image_folder)
         logger.info("mixed %d items from %d file(s) (seed %d)", len(self.order), n, options.seed)
@@ -971,7 +972,11 @@ class GritDataset(torch.utils.data.Dataset):
             j = (i + step) % n
             self.tried += 1
             try:
-                return self.encode(self.example(j))
+                example = self.example(j)
+                encoded = self.encode(example)
+                task = example.record.get("task")
+                self.last_task = task if isinstance(task, str) else None
+                return encoded
             except RecordError as err:
                 last = err
                 self._count_bad(j, err)

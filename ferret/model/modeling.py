@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,15 @@ logger = logging.getLogger(__name__)
 VISION_TOWER_DIR = "vision_tower"
 # Region masks per sample: a list (one entry per sample) of sequences of bool [H, W] masks, or None.
 RegionMasks = Sequence[Sequence[torch.Tensor] | None] | None
+
+
+@dataclass
+class FerretCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, when labels were given, each sample's summed next-token cross-entropy over its
+    supervised tokens and their count [B] (the trainer's per-sample averaging and per-task logs use them)."""
+
+    sample_loss_sums: torch.FloatTensor | None = None
+    sample_token_counts: torch.LongTensor | None = None
 
 
 class FerretLlamaModel(LlamaModel):
@@ -338,12 +348,13 @@ class FerretLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         images: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> FerretCausalLMOutput:
         """Causal-LM forward over text, images and regions.
 
         With ``labels`` [B, L], logits are computed only at supervised positions (the 32k-vocabulary projection
         dominates small models) and returned as ``None``; the loss is the mean next-token cross-entropy over
-        supervised tokens, or their sum over ``num_items_in_batch`` when the Trainer passes it.
+        supervised tokens, or their sum over ``num_items_in_batch`` when the Trainer passes it; each sample's sum
+        and token count come with it (``sample_loss_sums``, ``sample_token_counts``).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -363,32 +374,39 @@ class FerretLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        loss = logits = None
+        loss = logits = sample_sums = sample_counts = None
         if labels is not None:
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
-            loss = self._supervised_loss(hidden, labels, num_items_in_batch)
+            loss, sample_sums, sample_counts = self._supervised_loss(hidden, labels, num_items_in_batch)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
-        return CausalLMOutputWithPast(
+        return FerretCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            sample_loss_sums=sample_sums,
+            sample_token_counts=sample_counts,
         )
 
-    def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
+        """(the loss, each sample's summed cross-entropy [B], each sample's supervised token count [B])."""
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
+        counts = supervised.sum(dim=1)
         if not supervised.any():
             # Keeps the graph (and every rank's collective calls) intact for a fully masked batch.
-            return hidden.sum() * 0.0
+            zero = hidden.sum() * 0.0
+            return zero, zero.expand(targets.shape[0]).float(), counts
         logits = self.lm_head(hidden[:, :-1][supervised]).float()
-        total = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        per_token = F.cross_entropy(logits, targets[supervised], reduction="none")
+        sums = torch.zeros(targets.shape, dtype=per_token.dtype, device=per_token.device)
+        sums = sums.masked_scatter(supervised, per_token).sum(dim=1)
         denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
-        return total / denominator
+        return per_token.sum() / denominator, sums, counts
 
     @torch.no_grad()
     def generate(

@@ -166,6 +166,11 @@ class TrainingExtras:
         default=False, metadata={"help": "Same as --train_sampling_strategy group_by_length: batches of similar "
                                          "length (GritDataset's estimates), far less padding."}
     )
+    loss_average: str = field(
+        default="token", metadata={"help": "'token' (the original): the mean over every answer token of the batch; "
+                                           "'sample': each sample's mean over its answer tokens, then the mean over "
+                                           "samples, so a one-word answer weighs as much as a long one."}
+    )
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -185,6 +190,8 @@ class TrainingExtras:
             self.fsdp_config = config
         if self.bits not in (4, 8, 16):
             raise ValueError(f"--bits must be 4, 8 or 16, got {self.bits}")
+        if self.loss_average not in ("token", "sample"):
+            raise ValueError(f"--loss_average must be 'token' or 'sample', got {self.loss_average!r}")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be 'none', 'all' or 'lora_only', got {self.lora_bias!r}")
         super().__post_init__()

@@ -51,6 +51,8 @@ STAGING_PREFIX = "tmp-"
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # Key the dataset/collator put in a batch: the bad records, as (file, index, reason), replaced while building it.
 SKIPPED_KEY = "skipped_records"
+# Batch key: each sample's record "task" (None when the record has none); the trainer logs the loss per task.
+TASKS_KEY = "record_tasks"
 # Where the trainer state keeps every distinct skipped record: [[file, index, reason], ...].
 SKIPPED_STATE_KEY = "skipped_records"
 
@@ -104,8 +106,8 @@ def remove_staging_folders(output_dir: str) -> None:
 
 
 class SkipCountingDataset(torch.utils.data.Dataset):
-    """Wraps a GritDataset so each item carries how many bad records were skipped to produce it; the count then
-    travels through DataLoader worker processes with the batch (workers' own counters are invisible here)."""
+    """Wraps a GritDataset so each item carries the bad records skipped to produce it and its record's "task"; they
+    travel through DataLoader worker processes with the batch (workers' own counters are invisible here)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -116,6 +118,7 @@ class SkipCountingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.dataset[i])
         item[SKIPPED_KEY] = [tuple(s) for s in getattr(self.dataset, "last_skipped", ())]
+        item[TASKS_KEY] = getattr(self.dataset, "last_task", None)
         return item
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,15 +131,17 @@ class SkipCountingDataset(torch.utils.data.Dataset):
 
 
 class SkipCountingCollator:
-    """Collates with ``collator`` and adds the batch's skipped-record count under ``SKIPPED_KEY``."""
+    """Collates with ``collator`` and adds the batch's skipped records (``SKIPPED_KEY``) and tasks (``TASKS_KEY``)."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, features):
         skipped = [s for f in features for s in f.pop(SKIPPED_KEY, ())]
+        tasks = [f.pop(TASKS_KEY, None) for f in features]
         batch = self.collator(features)
         batch[SKIPPED_KEY] = skipped
+        batch[TASKS_KEY] = tasks
         return batch
 
 
@@ -165,6 +170,10 @@ class FerretTrainer(Trainer):
         self._interval = {"samples": 0, "tokens": 0}
         self._interval_start: float | None = None
         self._pending_skipped: dict[tuple[str, int], str] = {}  # seen on this rank since the last flush
+        self._batch_tasks: list[str | None] | None = None
+        self._task_loss: dict[str, list[float]] = {}  # task -> [sum of sample losses, samples] since the last log
+        if self.args.loss_average == "sample":
+            self.loss_is_scaled_for_ga = False  # the per-sample mean is divided by the accumulation steps
 
     # ------------------------------------------------------------------ throughput and data-quality logs
     def _get_train_sampler(self, train_dataset=None):
@@ -181,6 +190,7 @@ class FerretTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         skipped = inputs.pop(SKIPPED_KEY, 0)
+        self._batch_tasks = inputs.pop(TASKS_KEY, None)
         if self._interval_start is None:
             self._interval_start = time.perf_counter()
         self._interval["samples"] += int(inputs["input_ids"].shape[0])
@@ -189,6 +199,44 @@ class FerretTrainer(Trainer):
         for path, index, reason in skipped or ():
             self._pending_skipped.setdefault((str(path), int(index)), str(reason))
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """HF's loss (``--loss_average token``) or the mean of per-sample means (``sample``); either way, when the
+        records name their task, each sample's mean loss is added to its task's running log."""
+        tasks, self._batch_tasks = self._batch_tasks, None
+        per_sample = self.args.loss_average == "sample"
+        if not per_sample and not any(tasks or ()):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if per_sample:
+            outputs = model(**inputs)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        sums, counts = outputs.sample_loss_sums, outputs.sample_token_counts
+        means = sums / counts.clamp(min=1)
+        if per_sample:
+            has = counts > 0
+            loss = means[has].mean() if bool(has.any()) else outputs.loss
+        for task, value, count in zip(tasks or (), means.detach().tolist(), counts.tolist()):
+            if task is not None and count > 0:
+                entry = self._task_loss.setdefault(task, [0.0, 0])
+                entry[0] += value
+                entry[1] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _task_losses(self) -> dict[str, float]:
+        """Mean sample loss per task since the last log, over every rank (collective when distributed)."""
+        parts = [self._task_loss]
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self._task_loss)
+        self._task_loss = {}
+        merged: dict[str, list[float]] = {}
+        for part in parts:
+            for task, (total, count) in part.items():
+                entry = merged.setdefault(task, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+        return {f"loss_{task}": round(total / count, 4) for task, (total, count) in sorted(merged.items())}
 
     @property
     def skipped_records(self) -> dict[tuple[str, int], str]:
@@ -230,6 +278,7 @@ class FerretTrainer(Trainer):
             logs["samples_per_second"] = round(samples / elapsed, 3)
             logs["tokens_per_second"] = round(tokens / elapsed, 1)
             logs["skipped_records"] = self.flush_skipped_records()
+            logs.update(self._task_losses())
             self._interval = {"samples": 0, "tokens": 0}
             self._interval_start = time.perf_counter()
         super().log(logs, start_time)
