@@ -56,6 +56,19 @@ def test_loss_equals_full_vocabulary_cross_entropy(model, processor):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_per_sample_losses_are_each_rows_cross_entropy(model, processor):
+    batch = _train_batch(processor)
+    out = model(**batch)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = batch["labels"][:, 1:]
+    for i in range(3):
+        supervised = targets[i] != IGNORE_INDEX
+        row = torch.nn.functional.cross_entropy(logits[i, :-1][supervised], targets[i][supervised], reduction="sum")
+        assert int(out.sample_token_counts[i]) == int(supervised.sum()) > 0
+        assert torch.allclose(out.sample_loss_sums[i], row, atol=1e-4), i
+    assert torch.allclose(out.loss, out.sample_loss_sums.sum() / out.sample_token_counts.sum(), atol=1e-6)
+
+
 def test_batched_forward_equals_single(model, processor):
     batch = _train_batch(processor)
     with torch.no_grad():

@@ -332,6 +332,43 @@ def test_single_process_run_learns_logs_and_saves(single_run):
     assert json.loads((out / "final-checkpoint" / "config.json").read_text())["use_cache"] is True
 
 
+@pytest.mark.parametrize("average", ["sample", "token"])
+def test_loss_average_and_the_loss_per_task(average, world, tmp_path):
+    """A batch of a 1-token yes/no answer and a long description: `token` weighs each answer token alike, `sample`
+    each sample; either way each sample's mean loss goes to its task's log."""
+    from PIL import Image
+
+    from ferret.model.modeling import FerretLlamaForCausalLM
+    from ferret.processing import FerretProcessor
+    from ferret.regions import Box
+    from ferret.train.arguments import TrainingArguments
+    from ferret.train.trainer import FerretTrainer
+
+    model = FerretLlamaForCausalLM.from_pretrained(world / "base")
+    processor = FerretProcessor.from_pretrained(str(world / "base"))
+    samples = [([{"from": "human", "value": "<image>\nIs there a red circle in the image?"},
+                 {"from": "gpt", "value": "Yes"}], None),
+               ([{"from": "human", "value": "<image>\nDescribe the image."},
+                 {"from": "gpt", "value": "a red circle <region0> and a blue star <region1>"}],
+                [[], [Box(1, 2, 20, 30), Box(30, 30, 50, 54)]])]
+    image = Image.new("RGB", (56, 56), (220, 220, 220))
+    batch = processor.pad([processor.encode(turns, image, regions=regions) for turns, regions in samples],
+                          padding_side="right")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_average=average)
+    trainer = FerretTrainer(model=model, args=args, processing_class=processor)
+    with torch.no_grad():
+        out = model(**batch)
+        trainer._batch_tasks = ["yesno", "describe"]
+        loss = trainer.compute_loss(model, dict(batch))
+    means = out.sample_loss_sums / out.sample_token_counts
+    assert out.sample_token_counts[0] < 6 < 20 < out.sample_token_counts[1]  # "Yes</s>"; the description
+    expected = means.mean() if average == "sample" else out.sample_loss_sums.sum() / out.sample_token_counts.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert trainer._task_losses() == {"loss_describe": round(float(means[1]), 4),
+                                      "loss_yesno": round(float(means[0]), 4)}
+    assert trainer._task_losses() == {}  # reset at each log
+
+
 def test_trained_checkpoint_loads_and_generates(single_run, world):
     from PIL import Image
 
