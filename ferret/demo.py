@@ -585,6 +585,8 @@ def training_history(output_dir: Path) -> TrainingHistory:
     total: list[tuple[int, float]] = []
     tasks: dict[str, list[tuple[int, float]]] = {}
     for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{state_file}: log_history[{index}] must be an object, got {entry!r:.80}")
         losses = {key: value for key, value in entry.items() if key == "loss" or key.startswith("loss_")}
         if not losses:
             continue
@@ -636,6 +638,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
 # from its light-grey backgrounds and from the other: further than any two fills are from each other.
 TRUTH_BOX_RGB = (80, 80, 80)
 PREDICTED_BOX_RGB = (255, 0, 255)
+PREDICTED_BOX_DASHES = (0, (3, 2))  # matplotlib's (offset, (on, off)) in line widths
 # A prediction is right when its box overlaps the true one this much (the toy scorer's ground_acc@0.5).
 IOU_RIGHT = 0.5
 # The training curve's smoothing: a trailing mean over this fraction of the logged points (none below 50 points).
@@ -712,6 +715,7 @@ def plot_training_curve(histories: dict[str, TrainingHistory], path: Path) -> Pa
 
 
 def _short(text: str, limit: int = 30) -> str:
+    """``text`` on one line, cut to ``limit`` characters (a caption stays inside its panel)."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -776,7 +780,7 @@ def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: i
         ax.set_yticks([])
         ax.imshow(pixels, interpolation="nearest")
 
-        def outline(box: Sequence[float], color, style: str) -> None:
+        def outline(box: Sequence[float], color: tuple[float, ...], style: str | tuple) -> None:
             x1, y1, x2, y2 = box  # inclusive pixel corners: the outline runs along the pixels' outer edges
             ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1 + 1, y2 - y1 + 1, fill=False, edgecolor=color,
                                    linewidth=2.2, linestyle=style))
@@ -784,7 +788,7 @@ def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: i
         outline(record["box_x1y1x2y2"][1][0], truth_color, "-")
         box, caption, correct = grounding_verdict(record, predictions.get(str(record["id"])))
         if box is not None:
-            outline(box, predicted_color, (0, (3, 2)))
+            outline(box, predicted_color, PREDICTED_BOX_DASHES)
         ax.set_xlim(-0.5, pixels.width - 0.5)  # a predicted box reaching past the image is cut at its edge
         ax.set_ylim(pixels.height - 0.5, -0.5)
         right += correct
@@ -796,7 +800,7 @@ def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: i
     fig.suptitle(f"Grounding on the toy test split: {right} of {len(records)} shown right (IoU >= {IOU_RIGHT})",
                  fontsize=10)
     fig.legend([Line2D([], [], color=truth_color, linewidth=2.2),
-                Line2D([], [], color=predicted_color, linewidth=2.2, linestyle=(0, (3, 2)))],
+                Line2D([], [], color=predicted_color, linewidth=2.2, linestyle=PREDICTED_BOX_DASHES)],
                ["true box", "predicted box"], loc="outside lower center", ncols=2, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

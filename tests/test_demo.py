@@ -185,6 +185,9 @@ def test_training_history_reads_the_total_and_each_tasks_loss(tmp_path):
                                                                               "step": 20}])
     with pytest.raises(ValueError, match=r"log_history\[1\] needs an integer step and numeric losses.*loss_ground"):
         training_history(bad)
+    _write_trainer_state(bad, [{"loss": 2.0, "step": 10}, "loss 1.5"])
+    with pytest.raises(ValueError, match=r"log_history\[1\] must be an object, got 'loss 1.5'"):
+        training_history(bad)
 
 
 def test_smooth_is_a_trailing_mean():
