@@ -28,8 +28,10 @@ Files written (``out_dir`` defaults to ``runs/demo``, ``runs/demo-quick`` with `
     out_dir/test_answers.jsonl          one answer per test record (+ .metrics.json, the full scorer output)
     out_dir/metrics.json                headline metrics (fractions in [0, 1]) + times, threads, settings
     out_dir/ablation.json               with ``--ablation``: the same run with region features off vs on
-    out_dir/figs/toy_training_curve.png     training loss vs step (from trainer_state.json)
-    out_dir/figs/toy_grounding_examples.png test images, predicted (red) vs true (green) boxes
+    out_dir/figs/toy_training_curve.png     training loss vs step, in total and per record task (from
+                                            trainer_state.json), one panel per run (two with ``--ablation``)
+    out_dir/figs/toy_grounding_examples.png 8 test ``ground`` questions: true (dark grey, solid) vs predicted
+                                            (magenta, dashed) box, the predicted name, the IoU and the verdict
 
 Command line::
 
@@ -545,7 +547,7 @@ def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature:
     shutil.rmtree(checkpoint, ignore_errors=True)
     os.replace(staging, checkpoint)
     history = training_history(output_dir)
-    losses = [loss for _, loss in history]
+    losses = [loss for _, loss in history.total]
     steps_run = max(1, config.max_steps - resumed_step)
     return {
         "steps": config.max_steps,
@@ -558,13 +560,48 @@ def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature:
     }
 
 
-def training_history(output_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs from the trainer's ``trainer_state.json``."""
+@dataclass
+class TrainingHistory:
+    """The training losses the trainer logged, as (step, value) pairs in step order.
+
+    ``total`` is the logged ``loss`` (the trainer's own average over the logging interval); ``tasks`` maps each record
+    task to its ``loss_<task>``: the mean over that task's samples of their mean answer-token loss, in the toy-world
+    task order (``ferret.data.toy.TASKS``) and then by name. A logging interval without a sample of a task has no
+    point for it.
+    """
+
+    total: list[tuple[int, float]]
+    tasks: dict[str, list[tuple[int, float]]]
+
+
+def training_history(output_dir: Path) -> TrainingHistory:
+    """The losses logged in ``output_dir/trainer_state.json`` (empty when the file is not there)."""
+    from ferret.data.toy import TASKS
+
     state_file = output_dir / "trainer_state.json"
     if not state_file.is_file():
-        return []
-    state = json.loads(state_file.read_text())
-    return [(int(e["step"]), float(e["loss"])) for e in state.get("log_history", []) if "loss" in e]
+        return TrainingHistory([], {})
+    entries = json.loads(state_file.read_text()).get("log_history", [])
+    total: list[tuple[int, float]] = []
+    tasks: dict[str, list[tuple[int, float]]] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{state_file}: log_history[{index}] must be an object, got {entry!r:.80}")
+        losses = {key: value for key, value in entry.items() if key == "loss" or key.startswith("loss_")}
+        if not losses:
+            continue
+        try:
+            step = int(entry["step"])
+            values = {key: float(value) for key, value in losses.items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{state_file}: log_history[{index}] needs an integer step and numeric losses, got "
+                             f"{ {k: entry.get(k) for k in ('step', *losses)} } ({err!r})") from None
+        for key, value in values.items():
+            series = total if key == "loss" else tasks.setdefault(key[len("loss_"):], [])
+            series.append((step, value))
+    order = {task: i for i, task in enumerate(TASKS)}
+    ranked = sorted(tasks, key=lambda task: (order.get(task, len(order)), task))
+    return TrainingHistory(sorted(total), {task: sorted(tasks[task]) for task in ranked})
 
 
 def evaluate(checkpoint: Path, world_dir: Path, run_dir: Path, config: DemoConfig,
@@ -596,73 +633,175 @@ def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
 # Figures
 
 
-def plot_training_curve(histories: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Training loss vs step, one line per run."""
+# Box colours of the grounding figure: a neutral dark grey (solid) for the truth and magenta (dashed) for the
+# prediction, each at least 100 apart in RGB from every fill colour of the toy world (ferret.data.toy.COLOR_RGB),
+# from its light-grey backgrounds and from the other: further than any two fills are from each other.
+TRUTH_BOX_RGB = (80, 80, 80)
+PREDICTED_BOX_RGB = (255, 0, 255)
+PREDICTED_BOX_DASHES = (0, (3, 2))  # matplotlib's (offset, (on, off)) in line widths
+# A prediction is right when its box overlaps the true one this much (the toy scorer's ground_acc@0.5).
+IOU_RIGHT = 0.5
+# The training curve's smoothing: a trailing mean over this fraction of the logged points (none below 50 points).
+SMOOTHING_FRACTION = 1 / 25
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: value i becomes the mean of ``values[max(0, i - window + 1) : i + 1]``."""
+    if window < 1:
+        raise ValueError(f"the smoothing window must be >= 1, got {window}")
+    out, running = [], 0.0
+    for i, value in enumerate(values):
+        running += value
+        if i >= window:
+            running -= values[i - window]
+        out.append(running / min(i + 1, window))
+    return out
+
+
+def plot_training_curve(histories: dict[str, TrainingHistory], path: Path) -> Path:
+    """Training loss vs step: one panel per run (``histories``' keys are the panel titles), each with the total loss
+    (black) and one line per record task (one colour per task in every panel), lightly smoothed (the title says how),
+    on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for label, history in histories.items():
-        if history:
-            steps, losses = zip(*history)
-            ax.plot(steps, losses, label=label, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer tokens)")
-    ax.set_yscale("log")
-    ax.set_title("Toy-world Ferret on CPU")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    runs = dict(histories) or {"no run": TrainingHistory([], {})}
+    tasks = list(dict.fromkeys(task for history in runs.values() for task in history.tasks))
+    task_colors = {task: plt.get_cmap("tab10")(i % 10) for i, task in enumerate(tasks)}
+    window = max(1, int(max(len(h.total) for h in runs.values()) * SMOOTHING_FRACTION))
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.0 + 5.0 * len(runs), 4.0), dpi=120, sharey=True,
+                             squeeze=False, layout="constrained")
+    positive = True
+    for ax, (label, history) in zip(axes[0], runs.items()):
+        series = [(task, history.tasks[task], task_colors[task], 1.1) for task in tasks if history.tasks.get(task)]
+        if history.total:
+            series.append(("total", history.total, "black", 2.0))
+        for name, points, color, width in series:
+            steps, values = zip(*points)
+            positive = positive and min(values) > 0
+            marker = "o" if len(points) <= 30 else None  # a task seen in one logging interval is still visible
+            ax.plot(steps, smooth(values, window), color=color, linewidth=width, marker=marker, markersize=3,
+                    label=name)
+        if not history.total:
+            ax.text(0.5, 0.5, "no training log", transform=ax.transAxes, ha="center", va="center")
+        elif not history.tasks:
+            ax.text(0.98, 0.98, "no per-task losses in this log", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("training loss (per answer token)")
+    if positive and any(h.total for h in runs.values()):
+        axes[0][0].set_yscale("log")
+        axes[0][0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.5, 1, 2, 5 rather than 5x10^-1
+        axes[0][0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+        axes[0][0].yaxis.set_minor_formatter(NullFormatter())
+    how = f"smoothed: trailing mean of {window} logged points" if window > 1 else "as logged, not smoothed"
+    fig.suptitle(f"Toy-world Ferret on CPU: training loss per task and in total\n({how})", fontsize=10)
+    handles = {}  # label -> line, one entry per task across the panels
+    for ax in axes[0]:
+        for line, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, line)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, title="loss")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: int = 8, scale: int = 4) -> Path:
-    """A grid of test ``ground`` questions: the predicted box (red) and the true box (green) on each image."""
+def _short(text: str, limit: int = 30) -> str:
+    """``text`` on one line, cut to ``limit`` characters (a caption stays inside its panel)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def grounding_verdict(record: dict[str, Any], prediction: dict[str, Any] | None
+                      ) -> tuple[tuple[float, float, float, float] | None, str, bool]:
+    """(the predicted inclusive pixel box or None, a caption, whether it is right) for a toy ``ground`` record,
+    judged as the toy scorer judges it: the answer's first region, a box with IoU >= 0.5 with the true box."""
+    from ferret.eval.common import answer_boxes
+    from ferret.eval.toy import pixel_iou
+
+    if prediction is None or not isinstance(prediction.get("text"), str):
+        return None, "no answer", False
+    try:
+        found = answer_boxes(prediction, int(record["image_w"]), int(record["image_h"]))
+    except ValueError:
+        return None, f"unreadable regions: “{_short(prediction['text'])}”", False
+    if not found:
+        text = _short(prediction["text"])
+        return None, f"no box: “{text}”" if text else "no box: an empty answer", False
+    first = found[0]
+    named = f"“{_short(first.phrase)}”" if first.phrase else "(no name)"
+    if first.is_point:
+        return None, f"predicted: {named}\na point, not a box: wrong", False
+    iou = pixel_iou(first.box, record["box_x1y1x2y2"][1][0])
+    right = iou >= IOU_RIGHT
+    verdict = f">= {IOU_RIGHT}: right" if right else f"< {IOU_RIGHT}: wrong"
+    return first.box, f"predicted: {named}\nIoU {iou:.2f} {verdict}", right
+
+
+def plot_grounding_examples(world_dir: Path, answers: Path, path: Path, count: int = 8) -> Path:
+    """A grid of the first ``count`` test ``ground`` questions: each image enlarged (nearest pixels), the true box
+    (dark grey, solid) and the predicted one (magenta, dashed), the object asked for above it and the predicted
+    name, the IoU and the verdict below it, outside the image; a legend says which box is which."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
     from PIL import Image
 
     from ferret.eval.common import read_jsonl
     from ferret.eval.toy import load_records, object_names
-    from ferret.regions import Box, parse_regions
-    from ferret.serve.draw import draw_regions
 
     records = [r for r in load_records(world_dir / "test.json") if r["task"] == "ground"][:count]
     predictions = {str(p["id"]): p for p in read_jsonl(answers)}
     columns = min(4, max(1, len(records)))
     rows = max(1, -(-len(records) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.5 * columns, 3.3 * rows + 0.5), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
+    truth_color = tuple(c / 255 for c in TRUTH_BOX_RGB)
+    predicted_color = tuple(c / 255 for c in PREDICTED_BOX_RGB)
+    right = 0
     for ax, record in zip(axes.flat, records):
-        image = Image.open(world_dir / record["image"]).convert("RGB")
-        width, height = image.size
-        big = image.resize((width * scale, height * scale), Image.NEAREST)
+        with Image.open(world_dir / record["image"]) as image:
+            pixels = image.convert("RGB")
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(pixels, interpolation="nearest")
 
-        def scaled(box: Sequence[float]) -> Box:
-            x1, y1, x2, y2 = box
-            return Box(x1 * scale, y1 * scale, (x2 + 1) * scale - 1, (y2 + 1) * scale - 1)
+        def outline(box: Sequence[float], color: tuple[float, ...], style: str | tuple) -> None:
+            x1, y1, x2, y2 = box  # inclusive pixel corners: the outline runs along the pixels' outer edges
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1 + 1, y2 - y1 + 1, fill=False, edgecolor=color,
+                                   linewidth=2.2, linestyle=style))
 
-        text = predictions.get(str(record["id"]), {}).get("text", "")
-        found = [g for g in parse_regions(text, width, height) if isinstance(g.region, Box)]
-        items, colors = [("true", scaled(record["box_x1y1x2y2"][1][0]))], [(40, 170, 60)]
-        if found:
-            b = found[0].region
-            items.append(("predicted", scaled((b.x1, b.y1, b.x2, b.y2))))
-            colors.append((220, 30, 30))
-        ax.imshow(draw_regions(big, items, width=2, font_size=11, colors=colors))
+        outline(record["box_x1y1x2y2"][1][0], truth_color, "-")
+        box, caption, correct = grounding_verdict(record, predictions.get(str(record["id"])))
+        if box is not None:
+            outline(box, predicted_color, PREDICTED_BOX_DASHES)
+        ax.set_xlim(-0.5, pixels.width - 0.5)  # a predicted box reaching past the image is cut at its edge
+        ax.set_ylim(pixels.height - 0.5, -0.5)
+        right += correct
         names = object_names(record["conversations"][0]["value"])
-        title = f"the {names[0]}" if names else str(record["id"])
-        ax.set_title(title + ("" if found else " (no box)"), fontsize=8)
-    fig.suptitle("Grounding on the toy test split: predicted (red) vs true (green)", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(f"true: the {names[0]}" if names else f"true: {record['id']}", fontsize=9)
+        ax.set_xlabel(caption, fontsize=8)
+    if not records:
+        axes[0][0].text(0.5, 0.5, "no ground questions in the test split", ha="center", va="center")
+    fig.suptitle(f"Grounding on the toy test split: {right} of {len(records)} shown right (IoU >= {IOU_RIGHT})",
+                 fontsize=10)
+    fig.legend([Line2D([], [], color=truth_color, linewidth=2.2),
+                Line2D([], [], color=predicted_color, linewidth=2.2, linestyle=PREDICTED_BOX_DASHES)],
+               ["true box", "predicted box"], loc="outside lower center", ncols=2, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

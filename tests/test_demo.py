@@ -1,5 +1,6 @@
 """`make demo` (ferret/demo.py) on a tiny world: every output file exists, the metrics are sane, a second run reuses
-the world, the stage-0 tower and the finished training, and the same settings give the same numbers."""
+the world, the stage-0 tower and the finished training, and the same settings give the same numbers; the figures read
+the per-task losses and draw the boxes in colours no shape has."""
 
 import json
 import stat
@@ -28,8 +29,14 @@ def test_run_demo_writes_every_output(tmp_path):
                  "checkpoint/tokenizer.json", "checkpoint/preprocessor_config.json"):
         assert (out / path).is_file(), path
     assert list((out / "train").rglob("events.out.tfevents.*")), "no tensorboard log"
-    for name in ("toy_training_curve.png", "toy_grounding_examples.png"):
-        assert (figs / name).stat().st_size > 1000
+    assert _png(figs / "toy_training_curve.png").size == (840, 480)  # one run: one panel and the legend
+    assert _png(figs / "toy_grounding_examples.png").size[0] == 1100  # 4 columns of questions
+    from ferret.data.toy import TASKS
+    from ferret.demo import training_history
+
+    history = training_history(out / "train")
+    assert [step for step, _ in history.total] == [1, 2, 3, 4] and history.tasks
+    assert set(history.tasks) <= set(TASKS) and all(steps for steps in history.tasks.values())
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
@@ -143,3 +150,159 @@ def test_tower_recipe_warm_up_works_for_any_step_count():
         TowerPretrainingConfig(steps=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         TowerPretrainingConfig(batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The figures: what they read and what they draw
+
+
+def _write_trainer_state(folder, log_history):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": log_history}))
+    return folder
+
+
+def test_training_history_reads_the_total_and_each_tasks_loss(tmp_path):
+    from ferret.demo import training_history
+
+    folder = _write_trainer_state(tmp_path / "train", [
+        {"epoch": 0.5, "grad_norm": 3.5, "learning_rate": 0.001, "loss": 2.0, "loss_yesno": 1.0, "loss_ground": 3.0,
+         "step": 10},
+        {"eval_loss": 9.0, "step": 15},  # not a training loss
+        {"loss": 1.5, "loss_ground": 2.5, "loss_refer": 1.25, "loss_my_task": 0.5, "step": 20},
+        {"step": 20, "train_loss": 1.75, "train_runtime": 3.0},  # the trainer's closing summary
+    ])
+    history = training_history(folder)
+    assert history.total == [(10, 2.0), (20, 1.5)]
+    # The toy world's task order, then any other task by name; a task missing from a logging interval has no point.
+    assert list(history.tasks) == ["refer", "ground", "yesno", "my_task"]
+    assert history.tasks == {"refer": [(20, 1.25)], "ground": [(10, 3.0), (20, 2.5)], "yesno": [(10, 1.0)],
+                             "my_task": [(20, 0.5)]}
+
+    empty = training_history(tmp_path / "nowhere")
+    assert empty.total == [] and empty.tasks == {}
+    bad = _write_trainer_state(tmp_path / "bad", [{"loss": 2.0, "step": 10}, {"loss": 1.5, "loss_ground": "n/a",
+                                                                              "step": 20}])
+    with pytest.raises(ValueError, match=r"log_history\[1\] needs an integer step and numeric losses.*loss_ground"):
+        training_history(bad)
+    _write_trainer_state(bad, [{"loss": 2.0, "step": 10}, "loss 1.5"])
+    with pytest.raises(ValueError, match=r"log_history\[1\] must be an object, got 'loss 1.5'"):
+        training_history(bad)
+
+
+def test_smooth_is_a_trailing_mean():
+    from ferret.demo import smooth
+
+    assert smooth([1.0, 2.0, 3.0, 5.0], 1) == [1.0, 2.0, 3.0, 5.0]
+    assert smooth([1.0, 2.0, 3.0, 5.0], 2) == [1.0, 1.5, 2.5, 4.0]
+    assert smooth([1.0, 2.0, 3.0, 5.0], 3) == [1.0, 1.5, 2.0, 10 / 3]
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        smooth([1.0], 0)
+
+
+def _png(path):
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _count_color(image, rgb):
+    """How many pixels of ``image`` are exactly ``rgb``."""
+    import numpy as np
+
+    return int((np.asarray(image) == np.array(rgb, dtype=np.uint8)).all(axis=-1).sum())
+
+
+def _has_color(image, rgb):
+    return _count_color(image, rgb) > 0
+
+
+def test_training_curve_draws_every_task_of_every_run(tmp_path):
+    import matplotlib
+
+    from ferret.demo import TrainingHistory, plot_training_curve
+
+    steps = range(10, 610, 10)  # 60 logged points: a trailing mean of 2
+    on = TrainingHistory([(s, 6.0 / (1 + s / 50)) for s in steps],
+                         {"refer": [(s, 5.0 / (1 + s / 40)) for s in steps],
+                          "ground": [(s, 7.0 / (1 + s / 100)) for s in steps]})
+    off = TrainingHistory([(s, 6.5 / (1 + s / 60)) for s in steps], {"yesno": [(s, 1.0) for s in steps[::2]]})
+
+    one = _png(plot_training_curve({"run": on}, tmp_path / "one.png"))
+    two = _png(plot_training_curve({"region features on": on, "region features off": off}, tmp_path / "two.png"))
+    assert one.size == (840, 480) and two.size == (1440, 480)  # one 5-inch panel per run at 120 dpi, + the legend
+    tab10 = [tuple(round(255 * c) for c in matplotlib.colormaps["tab10"](i)[:3]) for i in range(4)]
+    # One colour per task across the runs, in the order first seen: refer, ground (run "on"), yesno (run "off").
+    assert [_has_color(two, color) for color in tab10] == [True, True, True, False]
+    assert [_has_color(one, color) for color in tab10] == [True, True, False, False]
+    assert _has_color(one, (0, 0, 0))  # the total
+
+
+def test_grounding_box_colours_are_not_the_worlds_colours():
+    import itertools
+    import math
+
+    from ferret.data.toy import COLOR_RGB, WorldConfig
+    from ferret.demo import PREDICTED_BOX_RGB, TRUTH_BOX_RGB
+
+    fills = list(COLOR_RGB.values())
+    # At least 100 apart in RGB from every fill and from the background's greys: further than any two fills are
+    # from each other (the closest, yellow and orange, are 71 apart).
+    assert min(math.dist(a, b) for a, b in itertools.combinations(fills, 2)) < 100
+    low, high = WorldConfig().background_levels
+    backgrounds = [(level,) * 3 for level in range(low, high + 1)]
+    for box in (TRUTH_BOX_RGB, PREDICTED_BOX_RGB):
+        assert min(math.dist(box, fill) for fill in fills + backgrounds) >= 100, box
+    assert math.dist(TRUTH_BOX_RGB, PREDICTED_BOX_RGB) >= 100
+
+
+def test_grounding_verdict_is_the_scorers():
+    from ferret.demo import grounding_verdict
+
+    record = {"image_w": 56, "image_h": 56, "box_x1y1x2y2": [[], [[10, 10, 19, 19]]]}
+
+    def answer(text, *regions):
+        return {"text": text, "regions": list(regions)}
+
+    exact = answer("a red circle [..]", {"phrase": "a red circle", "box": [10, 10, 19, 19]})
+    assert grounding_verdict(record, exact) == ((10.0, 10.0, 19.0, 19.0),
+                                                "predicted: “a red circle”\nIoU 1.00 >= 0.5: right", True)
+    # 5 of 10 columns overlap: 50 shared pixels of 150, IoU 1/3.
+    shifted = answer("a blue star [..]", {"phrase": "a blue star", "box": [15, 10, 24, 19]})
+    assert grounding_verdict(record, shifted) == ((15.0, 10.0, 24.0, 19.0),
+                                                  "predicted: “a blue star”\nIoU 0.33 < 0.5: wrong", False)
+    assert grounding_verdict(record, answer("a red circle")) == (None, "no box: “a red circle”", False)
+    assert grounding_verdict(record, answer(" ")) == (None, "no box: an empty answer", False)
+    assert grounding_verdict(record, None) == (None, "no answer", False)
+    point = answer("a red circle [..]", {"phrase": "a red circle", "point": [14, 14]})
+    assert grounding_verdict(record, point) == (None, "predicted: “a red circle”\na point, not a box: wrong", False)
+    broken = answer("a red circle", {"phrase": "a red circle", "box": [1, 2]})
+    assert grounding_verdict(record, broken)[1:] == ("unreadable regions: “a red circle”", False)
+
+
+def test_grounding_figure_draws_both_boxes_in_their_colours(tmp_path):
+    from ferret.data.toy import make_world
+    from ferret.demo import PREDICTED_BOX_RGB, TRUTH_BOX_RGB, plot_grounding_examples
+
+    records = make_world(tmp_path / "world", num_train=0, num_val=0, num_test=25, image_size=56)["test"]
+    ground = [r for r in records if r["task"] == "ground"]
+    assert len(ground) >= 5
+    # The first ground question answered with a box 3 px right of the truth, the second with none, the rest unanswered.
+    x1, y1, x2, y2 = ground[0]["box_x1y1x2y2"][1][0]
+    answers = [{"id": ground[0]["id"], "text": "a shape [..]", "regions": [{"phrase": "a shape",
+                                                                            "box": [x1 + 3, y1, x2 + 3, y2]}]},
+               {"id": ground[1]["id"], "text": "no idea"}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+
+    image = _png(plot_grounding_examples(tmp_path / "world", tmp_path / "answers.jsonl", tmp_path / "g.png",
+                                         count=5))
+    assert image.size == (1100, 781)  # 4 columns x 2 rows of 2.5 x 3.3-inch panels + the legend, at 110 dpi
+    # The legend shows both colours; the predicted box adds magenta to the first panel, the true boxes grey to each.
+    (tmp_path / "none.jsonl").write_text(json.dumps(answers[1]) + "\n")
+    without = _png(plot_grounding_examples(tmp_path / "world", tmp_path / "none.jsonl", tmp_path / "n.png", count=5))
+    assert without.size == image.size
+    assert _count_color(image, PREDICTED_BOX_RGB) > _count_color(without, PREDICTED_BOX_RGB) > 0
+    # Each of the 5 grey outlines is ~4 x 100 display pixels long and ~3 wide (the legend's line is ~60 x 3).
+    assert _count_color(without, TRUTH_BOX_RGB) > 5 * 300

@@ -163,7 +163,7 @@ def object_names(text: str) -> list[str]:
     return [f"{m.group(1).lower()} {m.group(2).lower()}" for m in _NAME.finditer(text)]
 
 
-def _pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
+def pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two inclusive pixel boxes, on pixel areas."""
     return box_iou([a[0], a[1], a[2] + 1, a[3] + 1], [b[0], b[1], b[2] + 1, b[3] + 1])
 
@@ -217,7 +217,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
             if not boxes or boxes[0][1] is None:
                 ground["no_box"] += not boxes
             else:
-                ground["hits"] += _pixel_iou(boxes[0][1], target_box) >= threshold
+                ground["hits"] += pixel_iou(boxes[0][1], target_box) >= threshold
         elif task == "describe":
             objects = record["objects"]
             boxes = [(set(object_names(phrase)), box) for phrase, box in found]
@@ -226,7 +226,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
             describe["boxes"] += len(boxes)
 
             def matches(names: set[str], box, obj: dict[str, Any]) -> bool:
-                return box is not None and obj["name"] in names and _pixel_iou(box, obj["box"]) >= threshold
+                return box is not None and obj["name"] in names and pixel_iou(box, obj["box"]) >= threshold
 
             describe["recalled"] += sum(any(matches(n, b, obj) for n, b in boxes) for obj in objects)
             describe["correct_boxes"] += sum(any(matches(n, b, obj) for obj in objects) for n, b in boxes)
