@@ -991,6 +991,60 @@ def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[
     return result
 
 
+def seed_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per variant (``on``; ``off`` when the runs had the ablation), each headline metric's per-seed values, mean
+    and sample standard deviation (over the seeds that have it)."""
+    variants = {"on": {seed: {m: result.get(m) for m in HEADLINE} for seed, result in results.items()}}
+    if all("ablation" in result for result in results.values()):
+        variants["off"] = {seed: result["ablation"]["off"] for seed, result in results.items()}
+    summary: dict[str, Any] = {"seeds": sorted(results)}
+    for variant, by_seed in variants.items():
+        summary[variant] = {}
+        for metric in HEADLINE:
+            values = [by_seed[seed][metric] for seed in sorted(by_seed) if by_seed[seed].get(metric) is not None]
+            mean = sum(values) / len(values) if values else None
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+            summary[variant][metric] = {"values": values, "mean": mean, "sd": sd}
+    return summary
+
+
+def seed_table(summary: dict[str, Any]) -> str:
+    """The seeds' headline metrics (%), mean ± sd, one column per variant."""
+    columns = [v for v in ("on", "off") if v in summary]
+    titles = {"on": "region fea ON", "off": "region fea OFF"}
+    lines = ["metric".ljust(28) + "".join(titles[c].rjust(18) for c in columns)]
+    for metric in HEADLINE:
+        cells = []
+        for column in columns:
+            entry = summary[column][metric]
+            text = "-" if entry["mean"] is None else f"{100 * entry['mean']:.1f}"
+            if entry["sd"] is not None:
+                text += f" ± {100 * entry['sd']:.1f}"
+            cells.append(text.rjust(18))
+        lines.append(metric.ljust(28) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_seeds(out_dir: str | os.PathLike, seeds: Sequence[int], config: DemoConfig, *, ablation: bool = False,
+              out=None) -> dict[str, Any]:
+    """The demo once per seed, into ``out_dir/seed-<seed>/`` (a finished seed is only evaluated again; seeds can
+    run in parallel in separate processes, then once more together for the table); writes and returns
+    ``out_dir/seeds.json`` (`seed_summary`) and prints the table."""
+    out = out if out is not None else sys.stdout
+    out_dir = Path(out_dir)
+    results = {}
+    for seed in seeds:
+        print(f"\n##### seed {seed}", file=out, flush=True)
+        results[seed] = run_demo(out_dir / f"seed-{seed}", dataclasses.replace(config, seed=seed),
+                                 ablation=ablation, out=out)
+    summary = seed_summary(results)
+    (out_dir / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{len(seeds)} seed(s) {', '.join(map(str, seeds))}: mean ± sd (%)\n" + seed_table(summary), file=out,
+          flush=True)
+    print(f"per seed: {_display(out_dir / 'seeds.json')}", file=out)
+    return summary
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(prog="ferret demo", description=__doc__.split("\n\n")[0],
@@ -1007,6 +1061,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--ablation", action="store_true",
                         help="also train without region features (coordinates only) and compare")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run once per seed into OUT/seed-SEED/ and print the mean ± sd of the metrics "
+                             "(OUT/seeds.json); finished seeds are reused")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch CPU threads (default {DEFAULT_THREADS}: steady under load, reproducible)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
@@ -1037,6 +1094,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"ferret demo: error: {err}", file=sys.stderr)
         return 2
+    if args.seeds:
+        if args.figs:
+            print("ferret demo: error: --figs draws one run's figures; leave it out with --seeds", file=sys.stderr)
+            return 2
+        run_seeds(args.out or out + "-seeds", args.seeds, config, ablation=args.ablation)
+        return 0
     run_demo(out, config, figs_dir=args.figs, ablation=args.ablation)
     return 0
 

@@ -306,3 +306,27 @@ def test_grounding_figure_draws_both_boxes_in_their_colours(tmp_path):
     assert _count_color(image, PREDICTED_BOX_RGB) > _count_color(without, PREDICTED_BOX_RGB) > 0
     # Each of the 5 grey outlines is ~4 x 100 display pixels long and ~3 wide (the legend's line is ~60 x 3).
     assert _count_color(without, TRUTH_BOX_RGB) > 5 * 300
+
+
+def test_seed_summary_is_the_mean_and_sample_sd_of_each_variant():
+    from ferret.demo import HEADLINE, seed_summary, seed_table
+
+    def run(value, off=None):
+        result = {metric: value for metric in HEADLINE}
+        result["yesno_accuracy"] = None if value == 0.5 else value  # a metric missing in one seed
+        if off is not None:
+            result["ablation"] = {"on": {}, "off": {metric: off for metric in HEADLINE}}
+        return result
+
+    summary = seed_summary({2: run(0.9, off=0.2), 0: run(0.5, off=0.4), 1: run(0.7, off=0.3)})
+    assert summary["seeds"] == [0, 1, 2]
+    on = summary["on"]["ground_acc@0.5"]
+    assert on["values"] == [0.5, 0.7, 0.9] and on["mean"] == pytest.approx(0.7) and on["sd"] == pytest.approx(0.2)
+    assert summary["on"]["yesno_accuracy"]["values"] == [0.7, 0.9]  # the seed without it is left out
+    assert summary["on"]["yesno_accuracy"]["mean"] == pytest.approx(0.8)
+    assert summary["off"]["refer_box_accuracy"]["mean"] == pytest.approx(0.3)
+    assert summary["off"]["refer_box_accuracy"]["sd"] == pytest.approx(0.1)
+    table = seed_table(summary)
+    assert "70.0 ± 20.0" in table and "30.0 ± 10.0" in table and "region fea OFF" in table
+    single = seed_summary({0: run(0.6)})
+    assert "off" not in single and single["on"]["describe_recall@0.5"] == {"values": [0.6], "mean": 0.6, "sd": None}
