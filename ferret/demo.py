@@ -122,6 +122,7 @@ class DemoConfig:
     tower_batch_size: int = 64
     tower_learning_rate: float = 5e-3
     tower_box_weight: float = 0.5
+    tower_digit_weight: float = 0.0
     # Training.
     max_steps: int = 1000
     batch_size: int = 16
@@ -351,6 +352,7 @@ def tower_recipe(config: DemoConfig) -> "TowerPretrainingConfig":
 
     return TowerPretrainingConfig(steps=config.tower_steps, batch_size=config.tower_batch_size,
                                   learning_rate=config.tower_learning_rate, box_weight=config.tower_box_weight,
+                                  digit_weight=config.tower_digit_weight,
                                   seed=config.seed, bf16=config.bf16)
 
 
@@ -399,6 +401,7 @@ def tower_key(vision_config: dict, world_dir: Path, config: DemoConfig) -> str:
         "batch_size": config.tower_batch_size,
         "learning_rate": config.tower_learning_rate,
         "box_weight": config.tower_box_weight,
+        **({"digit_weight": config.tower_digit_weight} if config.tower_digit_weight else {}),
         "seed": config.seed,
         "threads": config.threads,
         "bf16": config.bf16,
@@ -1073,6 +1076,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                             help=f"default {getattr(defaults, name)}")
     parser.add_argument("--learning-rate", type=float, default=None, help=f"default {defaults.learning_rate}")
+    parser.add_argument("--tower-digit-weight", type=float, default=None,
+                        help=f"stage 0's box-digit loss weight (default {defaults.tower_digit_weight})")
     parser.add_argument("--loss-average", choices=("token", "sample"), default=None,
                         help=f"the trainer's --loss_average (default {defaults.loss_average})")
     return parser
@@ -1085,7 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiny:
         overrides.update(TINY)
     for name in ("threads", "precision", "seed", "max_steps", "batch_size", "num_train", "num_test", "tower_steps", "save_steps",
-                 "learning_rate", "loss_average"):
+                 "learning_rate", "loss_average", "tower_digit_weight"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")

@@ -330,3 +330,17 @@ def test_seed_summary_is_the_mean_and_sample_sd_of_each_variant():
     assert "70.0 ± 20.0" in table and "30.0 ± 10.0" in table and "region fea OFF" in table
     single = seed_summary({0: run(0.6)})
     assert "off" not in single and single["on"]["describe_recall@0.5"] == {"values": [0.6], "mean": 0.6, "sd": None}
+
+
+def test_box_digits_are_the_hundreds_and_tens_the_model_writes():
+    import numpy as np
+
+    from ferret.regions import Box, region_to_text
+    from ferret.train.tower_pretraining import box_digits
+
+    # The box (10, 0)-(27, 55) of a 56 px image, stored as (x1, y1, x2 + 1, y2 + 1) / 56; the model writes it as
+    # [178, 0, 482, 982] (grid value = int(pixel * 1000 / 56)).
+    assert region_to_text(Box(10, 0, 27, 55), 56, 56) == "[178, 0, 482, 982]"
+    boxes = np.asarray([[10 / 56, 0, 28 / 56, 1], [0, 0, 0, 0]], dtype=np.float32)
+    digits = box_digits(boxes, 56, 56)
+    assert digits.tolist() == [[1, 7, 0, 0, 4, 8, 9, 8], [0] * 8]

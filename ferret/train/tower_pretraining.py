@@ -5,8 +5,10 @@ colours apart but hardly shapes (a linear probe on them names the object under a
 colour alone gives 25%), and a tiny LLM reading them learns colours but not shapes. So the demo (`ferret.demo`)
 first trains the tower, on the world's training images only, to say under every patch (on the features Ferret
 reads, the penultimate layer) which object names cover it (soft cross-entropy over background + every name), where
-the patch is (its centre) and the box of the object covering most of it (L1, weighted ``box_weight``). A linear
-head reads the three and is thrown away. Then the tower is frozen, as in Ferret.
+the patch is (its centre) and the box of the object covering most of it (L1, weighted ``box_weight``), and, with
+``digit_weight`` > 0, that box's corners as the model will write them: the hundreds and tens digits of each 0..999
+coordinate (cross-entropy over 10 digits, 8 of them per patch). A linear head reads them all and is thrown away.
+Then the tower is frozen, as in Ferret.
 
 The recipe in steps: `load_patch_targets` (images and dense per-patch targets of a split), `random_vision_tower`
 (the starting tower, its position table a fixed 2-D sin-cos table), `train_tower` (the loop), `score_tower` (the
@@ -39,6 +41,7 @@ class TowerPretrainingConfig:
         batch_size: images per step, drawn with replacement from the training split.
         learning_rate: peak learning rate of the one-cycle schedule (5% warm-up, at least 2 steps).
         box_weight: weight of the patch-centre and box L1 losses beside the name cross-entropy.
+        digit_weight: weight of the box-digit cross-entropy (0: no digit targets).
         seed: seeds the tower's initialisation, the head and the batches.
         bf16: run the forward pass under bf16 autocast (weights stay fp32).
     """
@@ -47,6 +50,7 @@ class TowerPretrainingConfig:
     batch_size: int = 64
     learning_rate: float = 5e-3
     box_weight: float = 0.5
+    digit_weight: float = 0.0
     seed: int = 0
     bf16: bool = False
 
@@ -69,11 +73,36 @@ class TowerPretrainingConfig:
 @dataclass
 class PatchTargets:
     """One split as the tower sees it: pixels [B, 3, S, S], name shares [B, N, 1 + names] (background first),
-    boxes [B, N, 4] (the box of the object covering most of each patch, as fractions of the image)."""
+    boxes [B, N, 4] (the box of the object covering most of each patch, as fractions of the image) and digits
+    [B, N, 8] (that box's x1, y1, x2, y2 on the 0..999 grid: hundreds and tens digit of each)."""
 
     pixels: "torch.Tensor"
     shares: "torch.Tensor"
     boxes: "torch.Tensor"
+    digits: "torch.Tensor"
+
+DIGITS = 8  # hundreds and tens of x1, y1, x2, y2
+
+
+def box_digits(boxes, width: int, height: int):
+    """[N, 4] boxes (x1, y1, x2 + 1, y2 + 1) as fractions of a ``width`` x ``height`` image -> [N, 8] int64: the
+    hundreds and tens digits of the box's grid values (``ferret.regions.to_grid`` of the inclusive corners), the
+    numbers the model writes for it. All-zero boxes (background) give zeros."""
+    import numpy as np
+
+    from ferret.regions import to_grid
+
+    out = np.zeros((len(boxes), DIGITS), dtype=np.int64)
+    seen: dict[tuple, list[int]] = {}
+    for i, box in enumerate(np.asarray(boxes, dtype=np.float64)):
+        key = tuple(box.tolist())
+        if key not in seen:
+            pixels = (round(box[0] * width), round(box[1] * height), round(box[2] * width) - 1,
+                      round(box[3] * height) - 1)
+            grid = [to_grid(max(v, 0), size) for v, size in zip(pixels, (width, height, width, height))]
+            seen[key] = [d for g in grid for d in (g // 100, g // 10 % 10)]
+        out[i] = seen[key]
+    return out
 
 
 def sincos_position_table(side: int, dim: int) -> "torch.Tensor":
@@ -123,14 +152,15 @@ def load_patch_targets(records_file: Path, image_root: Path, processor, names: S
     from ferret.eval.toy import load_records
 
     side = processor.image_size
-    pixels, shares, boxes = [], [], []
+    pixels, shares, boxes, digits = [], [], [], []
     for record in load_records(records_file):
         image = Image.open(image_root / record["image"]).convert("RGB")
         pixels.append(processor.preprocess_image(image))
         record_shares, record_boxes = patch_targets(record, np.asarray(image), names, side, patch)
         shares.append(torch.from_numpy(record_shares))
         boxes.append(torch.from_numpy(record_boxes))
-    return PatchTargets(torch.stack(pixels), torch.stack(shares), torch.stack(boxes))
+        digits.append(torch.from_numpy(box_digits(record_boxes, image.width, image.height)))
+    return PatchTargets(torch.stack(pixels), torch.stack(shares), torch.stack(boxes), torch.stack(digits))
 
 
 def _patch_centres(grid: int) -> "torch.Tensor":
@@ -144,7 +174,8 @@ def _patch_centres(grid: int) -> "torch.Tensor":
 def train_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTargets, classes: int,
                 config: TowerPretrainingConfig) -> None:
     """The loop: ``config.steps`` AdamW steps on random batches of ``data``; the tower's position table stays
-    fixed. ``head`` maps a feature to ``classes`` name logits + a patch centre (2) + a box (4)."""
+    fixed. ``head`` maps a feature to ``classes`` name logits + a patch centre (2) + a box (4) + box digits
+    (8 x 10 logits)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -156,19 +187,26 @@ def train_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTa
                                                    total_steps=config.steps, pct_start=config.warmup_fraction)
     generator = torch.Generator().manual_seed(config.seed)
 
-    def loss_of(pixels, shares, boxes):
+    def loss_of(pixels, shares, boxes, digits):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             out = head(tower.features(pixels)).float()
         foreground = shares.argmax(-1) > 0
         name_loss = -(shares * out[..., :classes].log_softmax(-1)).sum(-1).mean()
         place_loss = (out[..., classes:classes + 2] - centres).abs().mean()
-        box_loss = (out[..., classes + 2:][foreground] - boxes[foreground]).abs().mean() if foreground.any() else 0
-        return name_loss + config.box_weight * (place_loss + box_loss)
+        loss = name_loss + config.box_weight * place_loss
+        if foreground.any():
+            box_loss = (out[..., classes + 2:classes + 6][foreground] - boxes[foreground]).abs().mean()
+            loss = loss + config.box_weight * box_loss
+            if config.digit_weight:
+                logits = out[..., classes + 6:][foreground].reshape(-1, 10)
+                digit_loss = torch.nn.functional.cross_entropy(logits, digits[foreground].reshape(-1))
+                loss = loss + config.digit_weight * digit_loss
+        return loss
 
     bar = tqdm(range(config.steps), desc="vision tower", unit="step")
     for _ in bar:
         index = torch.randint(len(data.pixels), (config.batch_size,), generator=generator)
-        loss = loss_of(data.pixels[index], data.shares[index], data.boxes[index])
+        loss = loss_of(data.pixels[index], data.shares[index], data.boxes[index], data.digits[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -188,11 +226,13 @@ def score_tower(tower: "CLIPVisionTower", head: "torch.nn.Linear", data: PatchTa
     truth, guess = data.shares.argmax(-1), out[..., :classes].argmax(-1)
     foreground = truth > 0
     side = tower.config.image_size
-    box_error = (out[..., classes + 2:][foreground] - data.boxes[foreground]).abs().mean().item() * side
+    box_error = (out[..., classes + 2:classes + 6][foreground] - data.boxes[foreground]).abs().mean().item() * side
+    digits = out[..., classes + 6:][foreground].reshape(-1, DIGITS, 10).argmax(-1)
     return {
         "test_patch_accuracy": round((guess == truth).float().mean().item(), 4),
         "test_object_patch_accuracy": round((guess[foreground] == truth[foreground]).float().mean().item(), 4),
         "test_box_error_px": round(box_error, 2),
+        "test_box_digit_accuracy": round((digits == data.digits[foreground]).float().mean().item(), 4),
     }
 
 
@@ -213,7 +253,7 @@ def pretrain_vision_tower(path: Path, vision_config: dict, world_dir: Path, toke
     train = load_patch_targets(world_dir / "train.json", world_dir, processor, names, patch)
     tower = random_vision_tower(vision_config, config.seed)
     classes = 1 + len(names)
-    head = torch.nn.Linear(tower.hidden_size, classes + 2 + 4)
+    head = torch.nn.Linear(tower.hidden_size, classes + 2 + 4 + DIGITS * 10)
     train_tower(tower, head, train, classes, config)
     seconds = time.perf_counter() - start
 
