@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from ferret.constants import IGNORE_INDEX
 from ferret.data.toy import COLOR_RGB, GROUND_QUESTION, NO, OBJECT_ANSWER, SHAPES, YES, YESNO_QUESTION
 from ferret.eval.common import (
     PredictionStream,
@@ -103,6 +104,7 @@ __all__ = [
     "KEY_FIELDS",
     "PROBE_IMAGES",
     "NameSwapProbe",
+    "answer_token_logits",
     "evaluate_toy",
     "load_records",
     "main",
@@ -110,6 +112,7 @@ __all__ = [
     "object_names",
     "probe_path",
     "probe_queries",
+    "probe_reads",
     "run_probe",
     "score_probe",
     "score_toy",
@@ -412,74 +415,87 @@ def total_variation(logits_a, logits_b):
     return 0.5 * (p - q).abs().sum(dim=-1)
 
 
-def name_swap_tv(model, processor, probe: NameSwapProbe, batch_size: int = 8,
-                 region_feature: bool = True) -> list[float]:
-    """Per pair of ``probe``: the total-variation distance between the model's next-token distributions at the
-    first answer token where the pair's right answers differ, each question given its own answer's common prefix.
+def _answered(processor, probe: NameSwapProbe, k: int, image=None, region_feature: bool = True) -> dict[str, Any]:
+    """Question ``k`` of ``probe`` with its right answer, encoded as a training sample (its labels mark the
+    answer's tokens); without ``image``, the text alone."""
+    query = probe.queries[k]
+    turns = [{"from": "human", "value": query.prompt}, {"from": "gpt", "value": probe.answers[k]}]
+    sample = processor.encode(turns, image, image_size=None if image is not None else (1, 1),
+                              region_feature=region_feature, where=f"{query.where}: ")
+    if not (sample["labels"] != IGNORE_INDEX).any():
+        raise ValueError(f"{query.where}: the answer {probe.answers[k]!r} has no supervised token (was the prompt "
+                         "truncated?)")
+    return sample
 
-    Each question and its right answer are encoded as a training sample (``processor.encode``: its labels mark
-    the answer tokens) and run through the model's forward in right-padded batches; the logits are read only at
-    the positions a pair needs.
+
+def probe_reads(processor, probe: NameSwapProbe) -> list[tuple[int, int]]:
+    """Where each pair of ``probe`` is compared: (question, answer token) for its first then its second question,
+    the token being the first at which the two right answers differ (``a red circle`` vs ``a red star``: 2)."""
+    answers = []
+    for k in range(len(probe.queries)):
+        sample = _answered(processor, probe, k)
+        answers.append(sample["input_ids"][sample["labels"] != IGNORE_INDEX])
+    reads = []
+    for a, b in probe.pairs:
+        n = min(len(answers[a]), len(answers[b]))
+        differ = (answers[a][:n] != answers[b][:n]).nonzero().flatten()
+        if not len(differ):
+            raise ValueError(f"{probe.queries[a].where}: the answers of {probe.queries[a].output['id']!r} and "
+                             f"{probe.queries[b].output['id']!r} do not differ in a token both have")
+        reads += [(a, int(differ[0])), (b, int(differ[0]))]
+    return reads
+
+
+def answer_token_logits(model, processor, probe: NameSwapProbe, reads: Sequence[tuple[int, int]],
+                        batch_size: int = 8, region_feature: bool = True):
+    """The model's logits for answer token ``d`` of question ``k`` (its right answer's first ``d`` tokens given),
+    per (k, d) of ``reads``: [len(reads), V], float32 on the CPU.
+
+    Each question needed is encoded once with its image and answer (``processor.encode``, as in training) and run
+    through the model's forward in right-padded batches; the logits are read only at the positions asked for.
     """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from ferret.constants import IGNORE_INDEX
-
-    def encode(k: int, image) -> dict[str, Any]:
-        query = probe.queries[k]
-        turns = [{"from": "human", "value": query.prompt}, {"from": "gpt", "value": probe.answers[k]}]
-        return processor.encode(turns, image, image_size=None if image is not None else (1, 1),
-                                region_feature=region_feature, where=f"{query.where}: ")
-
-    def answer_ids(sample: dict[str, Any], k: int) -> torch.Tensor:
-        supervised = sample["labels"] != IGNORE_INDEX
-        if not supervised.any():
-            raise ValueError(f"{probe.queries[k].where}: the answer {probe.answers[k]!r} has no supervised token "
-                             "(was the prompt truncated?)")
-        return sample["input_ids"][supervised]
-
-    # Which answer token each question is read before, per pair: where the two right answers first differ (the
-    # text alone decides it; the image only adds image positions before the answer).
-    text_ids = [answer_ids(encode(k, None), k) for k in range(len(probe.queries))]
-    reads: list[tuple[int, int]] = []
-    for a, b in probe.pairs:
-        n = min(len(text_ids[a]), len(text_ids[b]))
-        differ = (text_ids[a][:n] != text_ids[b][:n]).nonzero().flatten()
-        if not len(differ):
-            raise ValueError(f"{probe.queries[a].where}: the answers of {probe.queries[a].output['id']!r} and "
-                             f"{probe.queries[b].output['id']!r} do not differ in a token both have")
-        d = int(differ[0])
-        reads.append((a, d))
-        reads.append((b, d))
     needed: dict[int, set[int]] = defaultdict(set)
     for k, d in reads:
         needed[k].add(d)
-
-    logits: dict[tuple[int, int], torch.Tensor] = {}
+    found: dict[tuple[int, int], torch.Tensor] = {}
     order = sorted(needed)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        samples = [encode(k, probe.queries[k].load_image()) for k in batch]
+        samples = [_answered(processor, probe, k, probe.queries[k].load_image(), region_feature) for k in batch]
         rows, columns, keys = [], [], []
         for row, (k, sample) in enumerate(zip(batch, samples)):
             positions = (sample["labels"] != IGNORE_INDEX).nonzero().flatten()
             for d in sorted(needed[k]):
+                if d >= len(positions):
+                    raise ValueError(f"{probe.queries[k].where}: answer token {d} asked for, the answer has "
+                                     f"{len(positions)}")
                 rows.append(row)
                 columns.append(int(positions[d]) - 1)  # the logits before answer token d predict it
                 keys.append((k, d))
         inputs = processor.pad(samples, padding_side="right")
         inputs.pop("labels")
         with torch.inference_mode():
-            out = model(**processor.model_inputs(inputs, model)).logits
-        picked = out[torch.tensor(rows, device=out.device), torch.tensor(columns, device=out.device)].float().cpu()
-        logits.update(zip(keys, picked))
+            logits = model(**processor.model_inputs(inputs, model)).logits
+        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device)]
+        found.update(zip(keys, picked.float().cpu()))
+    if not reads:
+        return torch.empty(0, 0)
+    return torch.stack([found[(k, d)] for k, d in reads])
+
+
+def name_swap_tv(model, processor, probe: NameSwapProbe, batch_size: int = 8,
+                 region_feature: bool = True) -> list[float]:
+    """Per pair of ``probe``: the total-variation distance between the model's next-token distributions at the
+    first answer token where the pair's right answers differ (``probe_reads``), each question given its own
+    answer's tokens before it (``answer_token_logits``)."""
     if not probe.pairs:
         return []
-    first = torch.stack([logits[key] for key in reads[0::2]])
-    second = torch.stack([logits[key] for key in reads[1::2]])
-    return total_variation(first, second).tolist()
+    logits = answer_token_logits(model, processor, probe, probe_reads(processor, probe), batch_size, region_feature)
+    return total_variation(logits[0::2], logits[1::2]).tolist()
 
 
 def run_probe(model, processor, records: Sequence[dict[str, Any]], image_folder: str | os.PathLike,
