@@ -211,7 +211,7 @@ def object_names(text: str) -> list[str]:
     return [f"{m.group(1).lower()} {m.group(2).lower()}" for m in _NAME.finditer(text)]
 
 
-def _pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
+def pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two inclusive pixel boxes, on pixel areas."""
     return box_iou([a[0], a[1], a[2] + 1, a[3] + 1], [b[0], b[1], b[2] + 1, b[3] + 1])
 
@@ -266,7 +266,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
             if not boxes or boxes[0][1] is None:
                 ground["no_box"] += not boxes
             else:
-                ground["hits"] += _pixel_iou(boxes[0][1], target_box) >= threshold
+                ground["hits"] += pixel_iou(boxes[0][1], target_box) >= threshold
         elif task == "describe":
             objects = record["objects"]
             boxes = [(set(object_names(phrase)), box) for phrase, box in found]
@@ -275,7 +275,7 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
             describe["boxes"] += len(boxes)
 
             def matches(names: set[str], box, obj: dict[str, Any]) -> bool:
-                return box is not None and obj["name"] in names and _pixel_iou(box, obj["box"]) >= threshold
+                return box is not None and obj["name"] in names and pixel_iou(box, obj["box"]) >= threshold
 
             describe["recalled"] += sum(any(matches(n, b, obj) for n, b in boxes) for obj in objects)
             describe["correct_boxes"] += sum(any(matches(n, b, obj) for obj in objects) for n, b in boxes)
@@ -546,7 +546,7 @@ def score_probe(records: Sequence[dict[str, Any]], answers: Sequence[dict[str, A
                 raise ValueError(f"{where}: {name!r} is not an object of toy record {record['id']} ({names})")
             found = _answer_boxes(line, int(record["image_w"]), int(record["image_h"]))
             box = found[0][1] if found else None
-            ious = [_pixel_iou(box, obj["box"]) for obj in objects] if box is not None else []
+            ious = [pixel_iou(box, obj["box"]) for obj in objects] if box is not None else []
             best = int(np.argmax(ious)) if ious and max(ious) >= threshold else None
             named = names.index(name)
             questions += 1
@@ -560,7 +560,7 @@ def score_probe(records: Sequence[dict[str, Any]], answers: Sequence[dict[str, A
     for boxes in ground.values():
         for a, b in combinations(boxes, 2):
             pairs += 1
-            same_box += a is not None and b is not None and _pixel_iou(a, b) >= SAME_BOX_IOU
+            same_box += a is not None and b is not None and pixel_iou(a, b) >= SAME_BOX_IOU
     complete = [asked for asked in yesno.values() if len(asked) == 2]
     consistent = sum(asked[True] == "yes" and asked[False] == "no" for asked in complete)
     same_answer = sum(asked[True] == asked[False] for asked in complete)
