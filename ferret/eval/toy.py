@@ -518,71 +518,82 @@ def run_probe(model, processor, records: Sequence[dict[str, Any]], image_folder:
     return path
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _probe_line(line: dict[str, Any], n: int, by_id: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[float]]:
+    """(its toy record, its pair distances) of probe answer line ``n``, checked."""
+    where = f"probe answer #{n} (id={line.get('id')!r})"
+    record = by_id.get(str(line.get("record")))
+    if record is None:
+        raise ValueError(f"{where}: no toy record {line.get('record')!r} in the annotation file")
+    part, name = line.get("probe"), line.get("name")
+    if part not in ("ground", "yesno") or not isinstance(name, str) or not isinstance(line.get("text"), str):
+        raise ValueError(f"{where}: expected 'probe' (ground or yesno), 'name' and 'text'")
+    names = [obj["name"] for obj in _probe_objects(record, f"toy record {record['id']}")]
+    if part == "ground" and name not in names:
+        raise ValueError(f"{where}: {name!r} is not an object of toy record {record['id']} ({names})")
+    tv = line.get("name_swap_tv") or {}
+    if not isinstance(tv, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 + 1e-6 for v in tv.values()):
+        raise ValueError(f"{where}: 'name_swap_tv' must map question ids to distances in [0, 1], got {tv!r}")
+    return record, [float(v) for v in tv.values()]
+
+
+def _score_ground_probe(asked: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]], threshold: float,
+                        distances: list[float]) -> dict[str, Any]:
+    """The ground part of the probe from {record id: [(record, answer line)]}."""
+    reads = questions = names_it = same_box = pairs = 0
+    for lines in asked.values():
+        boxes = []
+        for record, line in lines:
+            objects = record["objects"]
+            found = _answer_boxes(line, int(record["image_w"]), int(record["image_h"]))
+            box = found[0][1] if found else None
+            ious = [pixel_iou(box, obj["box"]) for obj in objects] if box is not None else []
+            named = [obj["name"] for obj in objects].index(line["name"])
+            questions += 1
+            reads += bool(ious) and ious[named] >= threshold and all(
+                iou < ious[named] for k, iou in enumerate(ious) if k != named)
+            names_it += object_names(line["text"])[:1] == [line["name"]]
+            boxes.append(box)
+        for a, b in combinations(boxes, 2):
+            pairs += 1
+            same_box += a is not None and b is not None and pixel_iou(a, b) >= SAME_BOX_IOU
+    return {"images": len(asked), "questions": questions, "pairs": pairs,
+            f"reads_name@{threshold:g}": _ratio(reads, questions),
+            "ignoring_name_at_most": _ratio(len(asked), questions),
+            "answer_names_it": _ratio(names_it, questions), "same_box": _ratio(same_box, pairs),
+            "name_token_tv": _mean(distances)}
+
+
 def score_probe(records: Sequence[dict[str, Any]], answers: Sequence[dict[str, Any]],
                 threshold: float = 0.5) -> dict[str, Any]:
     """The probe's numbers from its answer lines (``run_probe``): ``{"results": {...}, "summary": {...}}``."""
     by_id = {str(r.get("id")): r for r in records}
-    ground: dict[str, list[Any]] = defaultdict(list)  # record id -> the first box of each answer (or None)
-    reads = questions = names_it = 0
+    ground: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
     yesno: dict[str, dict[bool, str | None]] = defaultdict(dict)  # record id -> {name present: yes/no/None}
     distances: dict[str, list[float]] = {"ground": [], "yesno": []}
     for n, line in enumerate(answers):
-        where = f"probe answer #{n} (id={line.get('id')!r})"
-        record = by_id.get(str(line.get("record")))
-        if record is None:
-            raise ValueError(f"{where}: no toy record {line.get('record')!r} in the annotation file")
-        part, name, text = line.get("probe"), line.get("name"), line.get("text")
-        if part not in distances or not isinstance(name, str) or not isinstance(text, str):
-            raise ValueError(f"{where}: expected 'probe' (ground or yesno), 'name' and 'text'")
-        objects = _probe_objects(record, f"toy record {record['id']}")
-        names = [obj["name"] for obj in objects]
-        tv = line.get("name_swap_tv") or {}
-        if not isinstance(tv, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 + 1e-6
-                                               for v in tv.values()):
-            raise ValueError(f"{where}: 'name_swap_tv' must map question ids to distances in [0, 1], got {tv!r}")
-        distances[part].extend(float(v) for v in tv.values())
-        if part == "ground":
-            if name not in names:
-                raise ValueError(f"{where}: {name!r} is not an object of toy record {record['id']} ({names})")
-            found = _answer_boxes(line, int(record["image_w"]), int(record["image_h"]))
-            box = found[0][1] if found else None
-            ious = [pixel_iou(box, obj["box"]) for obj in objects] if box is not None else []
-            best = int(np.argmax(ious)) if ious and max(ious) >= threshold else None
-            named = names.index(name)
-            questions += 1
-            reads += best == named and all(iou < ious[named] for k, iou in enumerate(ious) if k != named)
-            names_it += object_names(text)[:1] == [name]
-            ground[str(record["id"])].append(box)
+        record, tv = _probe_line(line, n, by_id)
+        distances[line["probe"]] += tv
+        if line["probe"] == "ground":
+            ground[str(record["id"])].append((record, line))
         else:
-            yesno[str(record["id"])][name in names] = decide_yes_no(text)
-
-    same_box = pairs = 0
-    for boxes in ground.values():
-        for a, b in combinations(boxes, 2):
-            pairs += 1
-            same_box += a is not None and b is not None and pixel_iou(a, b) >= SAME_BOX_IOU
-    complete = [asked for asked in yesno.values() if len(asked) == 2]
-    consistent = sum(asked[True] == "yes" and asked[False] == "no" for asked in complete)
-    same_answer = sum(asked[True] == asked[False] for asked in complete)
-    every = distances["ground"] + distances["yesno"]
-
-    def mean(values: list[float]) -> float | None:
-        return sum(values) / len(values) if values else None
-
-    t = f"{threshold:g}"
+            present = line["name"] in {obj["name"] for obj in record["objects"]}
+            yesno[str(record["id"])][present] = decide_yes_no(line["text"])
+    pairs = [asked for asked in yesno.values() if len(asked) == 2]
     results = {
-        "ground": {"images": len(ground), "questions": questions, "pairs": pairs,
-                   f"reads_name@{t}": _ratio(reads, questions),
-                   "ignoring_name_at_most": _ratio(len(ground), questions),
-                   "answer_names_it": _ratio(names_it, questions), "same_box": _ratio(same_box, pairs),
-                   "name_token_tv": mean(distances["ground"])},
-        "yesno": {"pairs": len(complete), "consistent": _ratio(consistent, len(complete)),
-                  "same_answer": _ratio(same_answer, len(complete)), "name_token_tv": mean(distances["yesno"])},
-        "name_token_tv": mean(every),
-        "tv_pairs": len(every),
+        "ground": _score_ground_probe(ground, threshold, distances["ground"]),
+        "yesno": {"pairs": len(pairs),
+                  "consistent": _ratio(sum(a[True] == "yes" and a[False] == "no" for a in pairs), len(pairs)),
+                  "same_answer": _ratio(sum(a[True] == a[False] for a in pairs), len(pairs)),
+                  "name_token_tv": _mean(distances["yesno"])},
+        "name_token_tv": _mean(distances["ground"] + distances["yesno"]),
+        "tv_pairs": len(distances["ground"]) + len(distances["yesno"]),
     }
     summary = {
-        "probe_ground_reads_name": results["ground"][f"reads_name@{t}"],
+        "probe_ground_reads_name": results["ground"][f"reads_name@{threshold:g}"],
         "probe_ground_same_box": results["ground"]["same_box"],
         "probe_yesno_consistent": results["yesno"]["consistent"],
         "probe_name_token_tv": results["name_token_tv"],
