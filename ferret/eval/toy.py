@@ -73,6 +73,7 @@ import numpy as np
 
 from ferret.constants import IGNORE_INDEX
 from ferret.data.toy import COLOR_RGB, GROUND_QUESTION, NO, OBJECT_ANSWER, SHAPES, YES, YESNO_QUESTION
+from ferret.decoding import DecodingSettings
 from ferret.eval.common import (
     PredictionStream,
     StreamAlignment,
@@ -500,7 +501,7 @@ def name_swap_tv(model, processor, probe: NameSwapProbe, batch_size: int = 8,
 
 def run_probe(model, processor, records: Sequence[dict[str, Any]], image_folder: str | os.PathLike,
               answers_file: str | os.PathLike, max_images: int = PROBE_IMAGES, batch_size: int = 8,
-              generation: GenerationConfig | None = None, region_feature: bool = True,
+              generation: DecodingSettings | None = None, region_feature: bool = True,
               progress: bool = False) -> Path:
     """Ask the name-swap probe's questions (``probe_queries``) with an already loaded model and write their answers
     to ``probe_path(answers_file)``, each pair's ``name_swap_tv`` on its first question's line; returns that path."""
@@ -713,15 +714,13 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model_path, args.model_base, args.device, args.dtype, args.load_8bit,
                             args.load_4bit, conv_template=args.conv_mode)
     report = infer_from_args(args, toy_queries(records, folder), KEY_FIELDS, loaded=loaded)
-    stale = probe_path(args.answers_file)
     if probing:
-        start = time.perf_counter()
         run_probe(*loaded, records, folder, args.answers_file, args.probe_images, args.batch_size,
                   generation_from_args(args), args.region_feature, args.progress)
-        print(f"name-swap probe: {time.perf_counter() - start:.1f} s -> {stale}")
-    elif stale.is_file():  # answers of an earlier run's probe, not of this one's
-        stale.unlink()
-        logger.info("removed %s: the probe did not run (--probe-images 0 or several chunks)", stale)
+    elif probe_path(args.answers_file).is_file():  # an earlier run's probe answers, not this run's
+        probe_path(args.answers_file).unlink()
+        logger.info("removed %s: the probe did not run (--probe-images 0 or several chunks)",
+                    probe_path(args.answers_file))
     if args.command == "evaluate":
         # With several chunks (or torchrun ranks) the last one to finish writes the metrics.
         chunked = report.path != Path(args.answers_file)
