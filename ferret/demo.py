@@ -78,6 +78,11 @@ HEADLINE = (
     "ground_acc@0.5",
     "describe_recall@0.5",
     "yesno_accuracy",
+    # The name-swap probe: does the model read the object named in the question? (ferret.eval.toy)
+    "probe_ground_reads_name",
+    "probe_ground_same_box",
+    "probe_yesno_consistent",
+    "probe_name_token_tv",
 )
 CHECKPOINT_DIR = "checkpoint"
 VISION_TOWER_DIR = "vision_tower"
@@ -979,6 +984,10 @@ def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[
     if ablation:
         runs = {"region fea ON": result["ablation"]["on"], "region fea OFF": result["ablation"]["off"]}
     print("\n" + summary_table(runs), file=out)
+    if "probe" in scores["results"]:
+        from ferret.eval.toy import probe_legend
+
+        print(probe_legend(scores["results"]["probe"]), file=out)
     tower = prepared.vision_tower_facts
     how = "cached" if tower["cached"] else f"{tower['seconds']:.0f} s"
     print(f"\nvision tower: {tower['steps']} steps ({how}), "

@@ -473,8 +473,10 @@ def infer_from_args(
     key_fields: Sequence[str],
     make_record: Callable[[Answer], dict[str, Any]] = default_record,
     no_coor: bool = False,
+    loaded: tuple[Any, Any] | None = None,
 ) -> InferenceReport:
-    """The body of every ``infer`` command: pick this process's chunk, load the model if there is work, run."""
+    """The body of every ``infer`` command: pick this process's chunk, load the model if there is work (unless
+    ``loaded`` gives the (model, processor) already loaded from these arguments), run."""
     shard = resolve_shard(args.num_chunks, args.chunk_idx)
     chunk = [queries[i] for i in chunk_range(len(queries), shard.num_chunks, shard.chunk_idx)]
     path = answers_path(args.answers_file, shard)
@@ -482,6 +484,8 @@ def infer_from_args(
                 len(queries), path)
 
     def load():
+        if loaded is not None:
+            return loaded
         return load_model(args.model_path, args.model_base, args.device, args.dtype, args.load_8bit,
                           args.load_4bit, shard, conv_template=args.conv_mode)
 

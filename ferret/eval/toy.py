@@ -22,6 +22,27 @@ Metrics (``score_toy``), per task:
 
 ``summary`` flattens the headline numbers (fractions in [0, 1]; None for a task absent from the split).
 
+The name-swap probe (``infer`` runs it after the answers; ``--probe-images 0`` turns it off) measures whether the
+model reads the object named in the question. On the first ``--probe-images`` images of the split it asks, greedy:
+
+* ``ground``: the grounding question for every object of each image holding two or more (differently named)
+  objects. ``probe_ground_reads_name``: the fraction of these answers whose first box matches the named object
+  (IoU >= 0.5) better than every other object of the image. A model that ignores the name answers all questions
+  about an image alike, so it gets at most one per image: ``results.probe.ground.ignoring_name_at_most``
+  (``answer_names_it`` beside it: how often the answer's first phrase names the object asked about).
+  ``probe_ground_same_box``: the fraction of pairs of names asked about one image answered with the same box
+  (IoU >= 0.9 between the two answers' first boxes): 1 for a model that ignores the name, 0 for one that reads it.
+* ``yesno``: "Is there a {name} ...?" about one image with a present name and an absent one.
+  ``probe_yesno_consistent``: the fraction of pairs answered Yes and No, as they should.
+* ``probe_name_token_tv``: per pair of questions above (same image, names swapped), the total-variation
+  distance between the model's next-token distributions at the first answer token where the two right answers
+  differ (their common prefix given, teacher-forced: "a red" before the shape of "a red circle" vs "a red star",
+  the first token for Yes vs No); the mean over pairs. 0: swapping the name changes nothing there; 1: the two
+  distributions share nothing.
+
+Its answers go beside the answers file, ``<name>.probe.jsonl``, each pair's distance on its first question's line
+(``name_swap_tv``); ``score`` adds the probe's numbers when that file is there.
+
 Command lines::
 
     python -m ferret.eval.toy infer --model-path runs/toy/final --annotation-file data/toy/test.json \\
@@ -39,14 +60,20 @@ import logging
 import os
 import re
 import sys
+import time
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ferret.data.toy import COLOR_RGB, SHAPES
+from ferret.constants import IGNORE_INDEX
+from ferret.data.toy import COLOR_RGB, GROUND_QUESTION, NO, OBJECT_ANSWER, SHAPES, YES, YESNO_QUESTION
+from ferret.decoding import DecodingSettings
 from ferret.eval.common import (
     PredictionStream,
     StreamAlignment,
@@ -54,9 +81,19 @@ from ferret.eval.common import (
     decode_segmentation,
     format_table,
     metrics_path,
+    read_jsonl,
     write_json,
 )
-from ferret.eval.inference import GenerationConfig, Query, add_inference_arguments, infer_from_args, run_inference
+from ferret.eval.inference import (
+    GenerationConfig,
+    Query,
+    add_inference_arguments,
+    generation_from_args,
+    infer_from_args,
+    load_model,
+    resolve_shard,
+    run_inference,
+)
 from ferret.eval.metrics import box_iou
 from ferret.eval.pope import decide_yes_no
 from ferret.flags import program_name
@@ -66,16 +103,28 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "KEY_FIELDS",
+    "PROBE_IMAGES",
+    "NameSwapProbe",
+    "answer_token_logits",
     "evaluate_toy",
     "load_records",
     "main",
+    "name_swap_tv",
     "object_names",
+    "probe_path",
+    "probe_queries",
+    "probe_reads",
+    "run_probe",
+    "score_probe",
     "score_toy",
+    "total_variation",
     "toy_queries",
     "toy_region",
 ]
 
 KEY_FIELDS = ("id",)
+PROBE_IMAGES = 32  # images per part of the name-swap probe (ground, yesno): a few seconds on one CPU thread
+SAME_BOX_IOU = 0.9  # two answers' boxes this close are the same box
 _NAME = re.compile(
     r"\b(" + "|".join(sorted(COLOR_RGB)) + r")\s+(" + "|".join(SHAPES) + r")(?:e?s)?\b", re.IGNORECASE
 )
@@ -179,8 +228,9 @@ def _ratio(hits: int, n: int) -> float | None:
 
 
 def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream | Sequence[dict[str, Any]],
-              threshold: float = 0.5) -> dict[str, Any]:
-    """Metrics of ``predictions`` (answers-file lines with ``id`` and ``text``) on the toy ``records``."""
+              threshold: float = 0.5, probe: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Metrics of ``predictions`` (answers-file lines with ``id`` and ``text``) on the toy ``records``; with the
+    name-swap ``probe``'s answer lines, its numbers too (``results["probe"]``, ``probe_*`` in the summary)."""
     stream = PredictionStream.of(predictions)
     alignment = StreamAlignment(records, lambda r: str(r["id"]), "toy record")
     refer: dict[str, dict[str, list[int]]] = {"refer": defaultdict(lambda: [0, 0]),
@@ -268,9 +318,288 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
         f"describe_recall@{t}": results["describe"][f"recall@{t}"],
         "yesno_accuracy": results["yesno"]["accuracy"],
     }
+    if probe is not None:
+        probed = score_probe(records, probe, threshold)
+        results["probe"] = probed["results"]
+        summary.update(probed["summary"])
     return {"benchmark": "toy", "results": results, "summary": summary, "alignment": alignment.report(),
             "predictions_read": stream.report(),
             "threshold": threshold}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The name-swap probe (see the module docstring)
+
+
+@dataclass
+class NameSwapProbe:
+    """The probe's questions: ``queries``, the right answer to each (``answers``, up to the name: the probe only
+    reads the distributions before the first token where two answers differ) and the ``pairs`` of queries
+    (indices) that ask about one image with two different names."""
+
+    queries: list[Query] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+def probe_path(answers_file: str | os.PathLike) -> Path:
+    """Where the probe's answers go: beside the answers file, as ``<name>.probe.jsonl``."""
+    path = Path(answers_file)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".probe.jsonl")
+
+
+def _probe_objects(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    objects = record.get("objects")
+    if not isinstance(objects, list):
+        raise ValueError(f"{where} has no 'objects' list; the name-swap probe needs every object's name and box")
+    for k, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or len(obj.get("box") or ()) != 4:
+            raise ValueError(f"{where} object {k}: expected {{'name': str, 'box': [x1, y1, x2, y2]}}, got {obj!r}")
+    return objects
+
+
+def probe_queries(records: Sequence[dict[str, Any]], image_folder: str | os.PathLike,
+                  max_images: int = PROBE_IMAGES) -> NameSwapProbe:
+    """The name-swap probe's questions on the first ``max_images`` records (in file order) of each part:
+
+    * ground: records whose image holds two or more objects, all differently named; one grounding question
+      per object, each pair of them a probe pair;
+    * yesno: records with an object and a name of the split absent from their image; "Is there ...?" about
+      one present and one absent name (picked from the record id, so the same on every run), a pair.
+    """
+    if max_images < 0:
+        raise ValueError(f"max_images must be >= 0, got {max_images}")
+    probe = NameSwapProbe()
+    all_names = sorted({obj["name"] for r in records if isinstance(r.get("objects"), list)
+                        for obj in r["objects"] if isinstance(obj, dict) and isinstance(obj.get("name"), str)})
+
+    def ask(record: dict[str, Any], part: str, name: str, question: str, answer: str) -> int:
+        probe.queries.append(Query(
+            image=Path(image_folder) / record["image"],
+            prompt=question.format(name=name),
+            output={"id": f"{record['id']}/{part}/{name}", "record": record["id"], "probe": part, "name": name,
+                    "image": record["image"], "prompt": None, "text": None, "width": None, "height": None},
+            where=f"name-swap probe of toy record {record['id']}",
+        ))
+        probe.answers.append(answer)
+        return len(probe.queries) - 1
+
+    grounded = asked = 0
+    for index, record in enumerate(records):
+        if grounded >= max_images and asked >= max_images:
+            break
+        where = f"toy record #{index} (id={record.get('id')})"
+        for field_name in ("id", "image"):
+            if field_name not in record:
+                raise ValueError(f"{where} has no '{field_name}'")
+        names = [obj["name"] for obj in _probe_objects(record, where)]
+        if grounded < max_images and len(names) >= 2 and len(set(names)) == len(names):
+            asked_here = [ask(record, "ground", n, GROUND_QUESTION, OBJECT_ANSWER.format(name=n)) for n in names]
+            probe.pairs.extend(combinations(asked_here, 2))
+            grounded += 1
+        absent = [n for n in all_names if n not in names]
+        if asked < max_images and names and absent:
+            pick = zlib.crc32(str(record["id"]).encode("utf-8"))
+            probe.pairs.append((ask(record, "yesno", names[pick % len(names)], YESNO_QUESTION, YES),
+                                ask(record, "yesno", absent[pick % len(absent)], YESNO_QUESTION, NO)))
+            asked += 1
+    return probe
+
+
+def total_variation(logits_a, logits_b):
+    """Total-variation distance between the softmax distributions of two logit (or log-probability) rows:
+    [M, V], [M, V] -> [M], in [0, 1]."""
+    import torch
+
+    p = torch.softmax(logits_a.float(), dim=-1)
+    q = torch.softmax(logits_b.float(), dim=-1)
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
+def _answered(processor, probe: NameSwapProbe, k: int, image=None, region_feature: bool = True) -> dict[str, Any]:
+    """Question ``k`` of ``probe`` with its right answer, encoded as a training sample (its labels mark the
+    answer's tokens); without ``image``, the text alone."""
+    query = probe.queries[k]
+    turns = [{"from": "human", "value": query.prompt}, {"from": "gpt", "value": probe.answers[k]}]
+    sample = processor.encode(turns, image, image_size=None if image is not None else (1, 1),
+                              region_feature=region_feature, where=f"{query.where}: ")
+    if not (sample["labels"] != IGNORE_INDEX).any():
+        raise ValueError(f"{query.where}: the answer {probe.answers[k]!r} has no supervised token (was the prompt "
+                         "truncated?)")
+    return sample
+
+
+def probe_reads(processor, probe: NameSwapProbe) -> list[tuple[int, int]]:
+    """Where each pair of ``probe`` is compared: (question, answer token) for its first then its second question,
+    the token being the first at which the two right answers differ (``a red circle`` vs ``a red star``: 2)."""
+    answers = []
+    for k in range(len(probe.queries)):
+        sample = _answered(processor, probe, k)
+        answers.append(sample["input_ids"][sample["labels"] != IGNORE_INDEX])
+    reads = []
+    for a, b in probe.pairs:
+        n = min(len(answers[a]), len(answers[b]))
+        differ = (answers[a][:n] != answers[b][:n]).nonzero().flatten()
+        if not len(differ):
+            raise ValueError(f"{probe.queries[a].where}: the answers of {probe.queries[a].output['id']!r} and "
+                             f"{probe.queries[b].output['id']!r} do not differ in a token both have")
+        reads += [(a, int(differ[0])), (b, int(differ[0]))]
+    return reads
+
+
+def answer_token_logits(model, processor, probe: NameSwapProbe, reads: Sequence[tuple[int, int]],
+                        batch_size: int = 8, region_feature: bool = True):
+    """The model's logits for answer token ``d`` of question ``k`` (its right answer's first ``d`` tokens given),
+    per (k, d) of ``reads``: [len(reads), V], float32 on the CPU.
+
+    Each question needed is encoded once with its image and answer (``processor.encode``, as in training) and run
+    through the model's forward in right-padded batches; the logits are read only at the positions asked for.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    needed: dict[int, set[int]] = defaultdict(set)
+    for k, d in reads:
+        needed[k].add(d)
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    order = sorted(needed)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        samples = [_answered(processor, probe, k, probe.queries[k].load_image(), region_feature) for k in batch]
+        rows, columns, keys = [], [], []
+        for row, (k, sample) in enumerate(zip(batch, samples)):
+            positions = (sample["labels"] != IGNORE_INDEX).nonzero().flatten()
+            for d in sorted(needed[k]):
+                if d >= len(positions):
+                    raise ValueError(f"{probe.queries[k].where}: answer token {d} asked for, the answer has "
+                                     f"{len(positions)}")
+                rows.append(row)
+                columns.append(int(positions[d]) - 1)  # the logits before answer token d predict it
+                keys.append((k, d))
+        inputs = processor.pad(samples, padding_side="right")
+        inputs.pop("labels")
+        with torch.inference_mode():
+            logits = model(**processor.model_inputs(inputs, model)).logits
+        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device)]
+        found.update(zip(keys, picked.float().cpu()))
+    if not reads:
+        return torch.empty(0, 0)
+    return torch.stack([found[(k, d)] for k, d in reads])
+
+
+def name_swap_tv(model, processor, probe: NameSwapProbe, batch_size: int = 8,
+                 region_feature: bool = True) -> list[float]:
+    """Per pair of ``probe``: the total-variation distance between the model's next-token distributions at the
+    first answer token where the pair's right answers differ (``probe_reads``), each question given its own
+    answer's tokens before it (``answer_token_logits``)."""
+    if not probe.pairs:
+        return []
+    logits = answer_token_logits(model, processor, probe, probe_reads(processor, probe), batch_size, region_feature)
+    return total_variation(logits[0::2], logits[1::2]).tolist()
+
+
+def run_probe(model, processor, records: Sequence[dict[str, Any]], image_folder: str | os.PathLike,
+              answers_file: str | os.PathLike, max_images: int = PROBE_IMAGES, batch_size: int = 8,
+              generation: DecodingSettings | None = None, region_feature: bool = True,
+              progress: bool = False) -> Path:
+    """Ask the name-swap probe's questions (``probe_queries``) with an already loaded model and write their answers
+    to ``probe_path(answers_file)``, each pair's ``name_swap_tv`` on its first question's line; returns that path."""
+    start = time.perf_counter()
+    probe = probe_queries(records, image_folder, max_images)
+    distances = name_swap_tv(model, processor, probe, batch_size, region_feature)
+    for (a, b), value in zip(probe.pairs, distances):
+        probe.queries[a].output.setdefault("name_swap_tv", {})[probe.queries[b].output["id"]] = value
+    path = probe_path(answers_file)
+    run_inference(model, processor, probe.queries, path, KEY_FIELDS, batch_size=batch_size,
+                  generation=generation or GenerationConfig(), region_feature=region_feature, overwrite=True,
+                  progress=progress)
+    logger.info("name-swap probe: %d questions, %d pairs in %.1f s -> %s", len(probe.queries), len(probe.pairs),
+                time.perf_counter() - start, path)
+    return path
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _probe_line(line: dict[str, Any], n: int, by_id: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[float]]:
+    """(its toy record, its pair distances) of probe answer line ``n``, checked."""
+    where = f"probe answer #{n} (id={line.get('id')!r})"
+    record = by_id.get(str(line.get("record")))
+    if record is None:
+        raise ValueError(f"{where}: no toy record {line.get('record')!r} in the annotation file")
+    part, name = line.get("probe"), line.get("name")
+    if part not in ("ground", "yesno") or not isinstance(name, str) or not isinstance(line.get("text"), str):
+        raise ValueError(f"{where}: expected 'probe' (ground or yesno), 'name' and 'text'")
+    names = [obj["name"] for obj in _probe_objects(record, f"toy record {record['id']}")]
+    if part == "ground" and name not in names:
+        raise ValueError(f"{where}: {name!r} is not an object of toy record {record['id']} ({names})")
+    tv = line.get("name_swap_tv") or {}
+    if not isinstance(tv, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 + 1e-6 for v in tv.values()):
+        raise ValueError(f"{where}: 'name_swap_tv' must map question ids to distances in [0, 1], got {tv!r}")
+    return record, [float(v) for v in tv.values()]
+
+
+def _score_ground_probe(asked: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]], threshold: float,
+                        distances: list[float]) -> dict[str, Any]:
+    """The ground part of the probe from {record id: [(record, answer line)]}."""
+    reads = questions = names_it = same_box = pairs = 0
+    for lines in asked.values():
+        boxes = []
+        for record, line in lines:
+            objects = record["objects"]
+            found = _answer_boxes(line, int(record["image_w"]), int(record["image_h"]))
+            box = found[0][1] if found else None
+            ious = [pixel_iou(box, obj["box"]) for obj in objects] if box is not None else []
+            named = [obj["name"] for obj in objects].index(line["name"])
+            questions += 1
+            reads += bool(ious) and ious[named] >= threshold and all(
+                iou < ious[named] for k, iou in enumerate(ious) if k != named)
+            names_it += object_names(line["text"])[:1] == [line["name"]]
+            boxes.append(box)
+        for a, b in combinations(boxes, 2):
+            pairs += 1
+            same_box += a is not None and b is not None and pixel_iou(a, b) >= SAME_BOX_IOU
+    return {"images": len(asked), "questions": questions, "pairs": pairs,
+            f"reads_name@{threshold:g}": _ratio(reads, questions),
+            "ignoring_name_at_most": _ratio(len(asked), questions),
+            "answer_names_it": _ratio(names_it, questions), "same_box": _ratio(same_box, pairs),
+            "name_token_tv": _mean(distances)}
+
+
+def score_probe(records: Sequence[dict[str, Any]], answers: Sequence[dict[str, Any]],
+                threshold: float = 0.5) -> dict[str, Any]:
+    """The probe's numbers from its answer lines (``run_probe``): ``{"results": {...}, "summary": {...}}``."""
+    by_id = {str(r.get("id")): r for r in records}
+    ground: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    yesno: dict[str, dict[bool, str | None]] = defaultdict(dict)  # record id -> {name present: yes/no/None}
+    distances: dict[str, list[float]] = {"ground": [], "yesno": []}
+    for n, line in enumerate(answers):
+        record, tv = _probe_line(line, n, by_id)
+        distances[line["probe"]] += tv
+        if line["probe"] == "ground":
+            ground[str(record["id"])].append((record, line))
+        else:
+            present = line["name"] in {obj["name"] for obj in record["objects"]}
+            yesno[str(record["id"])][present] = decide_yes_no(line["text"])
+    pairs = [asked for asked in yesno.values() if len(asked) == 2]
+    results = {
+        "ground": _score_ground_probe(ground, threshold, distances["ground"]),
+        "yesno": {"pairs": len(pairs),
+                  "consistent": _ratio(sum(a[True] == "yes" and a[False] == "no" for a in pairs), len(pairs)),
+                  "same_answer": _ratio(sum(a[True] == a[False] for a in pairs), len(pairs)),
+                  "name_token_tv": _mean(distances["yesno"])},
+        "name_token_tv": _mean(distances["ground"] + distances["yesno"]),
+        "tv_pairs": len(distances["ground"]) + len(distances["yesno"]),
+    }
+    summary = {
+        "probe_ground_reads_name": results["ground"][f"reads_name@{threshold:g}"],
+        "probe_ground_same_box": results["ground"]["same_box"],
+        "probe_yesno_consistent": results["yesno"]["consistent"],
+        "probe_name_token_tv": results["name_token_tv"],
+    }
+    return {"results": results, "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,18 +608,23 @@ def score_toy(records: Sequence[dict[str, Any]], predictions: PredictionStream |
 
 def evaluate_toy(model, processor, records: Sequence[dict[str, Any]], image_folder: str | os.PathLike,
                  answers_file: str | os.PathLike, batch_size: int = 8, max_new_tokens: int = 128,
-                 overwrite: bool = True, progress: bool = False) -> dict[str, Any]:
+                 overwrite: bool = True, progress: bool = False,
+                 probe_images: int = PROBE_IMAGES) -> dict[str, Any]:
     """Answer ``records`` with an already loaded model, write ``answers_file`` and its metrics beside it;
-    returns the metrics."""
+    returns the metrics. ``probe_images`` > 0 also runs the name-swap probe (``run_probe``)."""
     was_training = model.training
     model.eval()
+    generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    probe = None
     try:
         run_inference(model, processor, toy_queries(records, image_folder), answers_file, KEY_FIELDS,
-                      batch_size=batch_size, generation=GenerationConfig(max_new_tokens=max_new_tokens),
-                      overwrite=overwrite, progress=progress)
+                      batch_size=batch_size, generation=generation, overwrite=overwrite, progress=progress)
+        if probe_images > 0:
+            probe = read_jsonl(run_probe(model, processor, records, image_folder, answers_file, probe_images,
+                                         batch_size, generation))
     finally:
         model.train(was_training)
-    metrics = score_toy(records, PredictionStream(answers_file))
+    metrics = score_toy(records, PredictionStream(answers_file), probe=probe)
     metrics["predictions"] = str(answers_file)
     write_json(metrics, metrics_path(answers_file))
     return metrics
@@ -300,16 +634,36 @@ def evaluate_toy(model, processor, records: Sequence[dict[str, Any]], image_fold
 # Command line
 
 
+def probe_legend(results: dict[str, Any]) -> str:
+    """What the probe's numbers mean, in a few lines under the metrics table."""
+    ground = results["ground"]
+    bound = ground["ignoring_name_at_most"]
+    return "\n".join([
+        f"name-swap probe (does the model read the name in the question?) on {ground['images']} images x every "
+        f"object, and {results['yesno']['pairs']} yes/no pairs:",
+        "  probe_ground_reads_name: the answer's box fits the named object best (IoU >= 0.5); a model ignoring "
+        "the name gets at most " + ("-" if bound is None else f"{100 * bound:.1f}%"),
+        "  probe_ground_same_box: two names asked about one image, the same box answered for both",
+        "  probe_yesno_consistent: Yes to a name in the image and No to one absent from it",
+        "  probe_name_token_tv: how much swapping the name moves the next-token distribution where the right "
+        "answers differ (0 not at all, 100% completely)",
+    ])
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     rows = [[name, "-" if value is None else 100 * value] for name, value in metrics["summary"].items()]
     print(format_table(["metric", "%"], rows))
+    if "probe" in metrics["results"]:
+        print(probe_legend(metrics["results"]["probe"]))
     a = metrics["alignment"]
     print(f"evaluated {a['evaluated']}, missing {a['missing']}, unexpected {a['unexpected']}")
 
 
 def _score(predictions: str, annotation_file: str, output: str | None, threshold: float,
            only_if_complete: bool = False) -> dict[str, Any] | None:
-    metrics = score_toy(load_records(annotation_file), PredictionStream(predictions), threshold)
+    probe_file = probe_path(predictions)
+    probe = read_jsonl(probe_file) if Path(predictions).is_file() and probe_file.is_file() else None
+    metrics = score_toy(load_records(annotation_file), PredictionStream(predictions), threshold, probe)
     if only_if_complete and not metrics["alignment"]["complete"]:
         print(f"{metrics['alignment']['missing']} records have no answer yet (other chunks still running); "
               f"score with `python -m ferret.eval.toy score --predictions {predictions} ...` when all are done")
@@ -334,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--image-folder", default=None,
                              help="folder the records' image paths are relative to (default: the file's folder)")
         add_inference_arguments(command, images=False)
+        command.add_argument("--probe-images", type=int, default=PROBE_IMAGES,
+                             help=f"images per part of the name-swap probe (default {PROBE_IMAGES}; 0: no probe); "
+                                  "its answers go to <answers>.probe.jsonl")
     commands["evaluate"].add_argument("--output", default=None, help="metrics JSON (default: beside the answers)")
     commands["evaluate"].add_argument("--iou-threshold", type=float, default=0.5)
     score = sub.add_parser("score", help="compute the toy metrics from a prediction file or folder")
@@ -348,7 +705,22 @@ def main(argv: list[str] | None = None) -> int:
         _score(args.predictions, args.annotation_file, args.output, args.iou_threshold)
         return 0
     folder = args.image_folder or Path(args.annotation_file).parent
-    report = infer_from_args(args, toy_queries(load_records(args.annotation_file), folder), KEY_FIELDS)
+    records = load_records(args.annotation_file)
+    if args.probe_images < 0:
+        parser.error(f"--probe-images must be >= 0, got {args.probe_images}")
+    probing = args.probe_images > 0 and resolve_shard(args.num_chunks, args.chunk_idx).num_chunks == 1
+    loaded = None
+    if probing:  # the model is loaded once, for the answers and the probe
+        loaded = load_model(args.model_path, args.model_base, args.device, args.dtype, args.load_8bit,
+                            args.load_4bit, conv_template=args.conv_mode)
+    report = infer_from_args(args, toy_queries(records, folder), KEY_FIELDS, loaded=loaded)
+    if probing:
+        run_probe(*loaded, records, folder, args.answers_file, args.probe_images, args.batch_size,
+                  generation_from_args(args), args.region_feature, args.progress)
+    elif probe_path(args.answers_file).is_file():  # an earlier run's probe answers, not this run's
+        probe_path(args.answers_file).unlink()
+        logger.info("removed %s: the probe did not run (--probe-images 0 or several chunks)",
+                    probe_path(args.answers_file))
     if args.command == "evaluate":
         # With several chunks (or torchrun ranks) the last one to finish writes the metrics.
         chunked = report.path != Path(args.answers_file)

@@ -413,14 +413,73 @@ def test_toy_evaluate_and_batch_invariance(checkpoint, toy_world, tmp_path):
     refer = next(r for r in lines if r["task"] == "refer" and r["region_type"] == "point")
     assert refer["prompt"].startswith("What is [") and refer["prompt"].endswith("] <region_fea>?")
     metrics = json.loads(metrics_path(out4).read_text())
+    probe_keys = {"probe_ground_reads_name", "probe_ground_same_box", "probe_yesno_consistent", "probe_name_token_tv"}
     assert set(metrics["summary"]) == {"refer_accuracy", "refer_point_accuracy", "refer_box_accuracy",
                                        "refer_free_form_accuracy", "refer_choice_accuracy", "ground_acc@0.5",
-                                       "describe_recall@0.5", "yesno_accuracy"}
+                                       "describe_recall@0.5", "yesno_accuracy"} | probe_keys
     assert metrics["alignment"]["evaluated"] == 20
+    # The name-swap probe ran on every record (fewer than --probe-images): its answers beside the answers file.
+    assert all(0.0 <= metrics["summary"][key] <= 1.0 for key in probe_keys), metrics["summary"]
+    probe = read_jsonl(toy.probe_path(out4))
+    asked = toy.probe_queries(records, world)
+    assert [line["id"] for line in probe] == [q.output["id"] for q in asked.queries]
+    assert metrics["results"]["probe"]["tv_pairs"] == len(asked.pairs) > 0
+    assert metrics["results"]["probe"]["yesno"]["pairs"] == 20
 
     out1 = tmp_path / "toy_b1.jsonl"
     toy.main(["infer", *common, "--answers-file", str(out1), "--batch-size", "1"])
     assert _texts(out1) == _texts(out4)
+    probe1 = read_jsonl(toy.probe_path(out1))
+    assert [line["text"] for line in probe1] == [line["text"] for line in probe]
+    for one, four in zip(probe1, probe):
+        assert one.get("name_swap_tv", {}).keys() == four.get("name_swap_tv", {}).keys()
+        for key, value in one.get("name_swap_tv", {}).items():
+            assert value == pytest.approx(four["name_swap_tv"][key], abs=1e-5)
+
+    # Without the probe, no probe numbers, and an earlier run's probe answers are not scored as this run's.
+    assert toy.main(["evaluate", *common, "--answers-file", str(out4), "--probe-images", "0", "--overwrite"]) == 0
+    assert not toy.probe_path(out4).exists()
+    assert not set(json.loads(metrics_path(out4).read_text())["summary"]) & probe_keys
+
+
+def test_toy_name_swap_tv_reads_the_eval_prompt_positions(checkpoint, toy_world):
+    """The probe's batched, right-padded forward gives the logits of the unpadded prompt it stands for: the eval's
+    own generation prompt (``encode_query``), followed by the right answer's tokens before the one compared."""
+    import torch
+
+    from ferret.constants import IGNORE_INDEX
+
+    world, records = toy_world
+    model, processor = inference.load_model(checkpoint, device="cpu")
+    probe = toy.probe_queries(records, world, max_images=3)
+    counts = [len(r["objects"]) for r in records if len({o["name"] for o in r["objects"]}) >= 2][:3]
+    assert len(probe.pairs) == 3 + sum(k * (k - 1) // 2 for k in counts)  # 3 yes/no pairs, every pair of names
+    reads = toy.probe_reads(processor, probe)
+    kinds = [(probe.queries[k].output["probe"], d) for k, d in reads]
+    # Each pair is read at one answer token: the first where its right answers differ (with this small
+    # tokenizer "Yes" and "No" may share a leading piece, and colours be spelt in several).
+    assert all(reads[i][1] == reads[i + 1][1] for i in range(0, len(reads), 2))
+    assert {kind for kind, _ in kinds} == {"ground", "yesno"}
+    logits = toy.answer_token_logits(model, processor, probe, reads, batch_size=4)
+    assert logits.shape == (len(reads), model.config.vocab_size)
+
+    def unpadded(k: int, d: int) -> torch.Tensor:
+        query = probe.queries[k]
+        image = query.load_image()
+        prompt = inference.encode_query(processor, query, image)[1]
+        full = processor.encode([{"from": "human", "value": query.prompt},
+                                 {"from": "gpt", "value": probe.answers[k]}], image)
+        answer = full["input_ids"][full["labels"] != IGNORE_INDEX]
+        batch = processor.pad([{**prompt, "input_ids": torch.cat([prompt["input_ids"], answer[:d]]), "labels": None}])
+        batch.pop("labels")
+        with torch.inference_mode():
+            return model(**processor.model_inputs(batch, model)).logits[0, -1]
+
+    for row in sorted({kinds.index(kind) for kind in set(kinds)}):  # one read of each kind and position
+        torch.testing.assert_close(logits[row], unpadded(*reads[row]), atol=1e-4, rtol=1e-4)
+    distances = toy.name_swap_tv(model, processor, probe, batch_size=4)
+    assert distances == pytest.approx(toy.total_variation(logits[0::2], logits[1::2]).tolist(), abs=1e-6)
+    assert toy.name_swap_tv(model, processor, probe, batch_size=1) == pytest.approx(distances, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------
