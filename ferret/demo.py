@@ -28,10 +28,12 @@ Files written (``out_dir`` defaults to ``runs/demo``, ``runs/demo-quick`` with `
     out_dir/test_answers.jsonl          one answer per test record (+ .metrics.json, the full scorer output)
     out_dir/metrics.json                headline metrics (fractions in [0, 1]) + times, threads, settings
     out_dir/ablation.json               with ``--ablation``: the same run with region features off vs on
+    out_dir/curve.json, curve/step-N/   with ``--curve``: every kept checkpoint's metrics (and its answers)
     out_dir/figs/toy_training_curve.png     training loss vs step, in total and per record task (from
                                             trainer_state.json), one panel per run (two with ``--ablation``)
     out_dir/figs/toy_grounding_examples.png 8 test ``ground`` questions: true (dark grey, solid) vs predicted
                                             (magenta, dashed) box, the predicted name, the IoU and the verdict
+    out_dir/figs/toy_metric_curve.png       with ``--curve``: each metric vs the step, its target dotted
 
 Command line::
 
@@ -40,6 +42,8 @@ Command line::
     .venv/bin/ferret demo --ablation      # + the run without region features (twice the training time)
     .venv/bin/ferret demo --figs figs     # also refresh the README's figures (figs/ of the repository)
     .venv/bin/ferret demo --tiny          # a smoke test of every stage in seconds
+    .venv/bin/ferret demo --seeds 0 1 2   # once per seed (runs/demo-seeds/seed-N/): the metrics' mean ± sd
+    .venv/bin/ferret demo --curve --max-steps 2700 --save-steps 300   # the metrics along a longer run
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ CHECKPOINT_DIR = "checkpoint"
 VISION_TOWER_DIR = "vision_tower"
 ANSWERS_FILE = "test_answers.jsonl"
 FIGURES = ("toy_training_curve.png", "toy_grounding_examples.png")
+CURVE_FIGURE = "toy_metric_curve.png"  # with --curve
 RUN_STAMP = "demo_run.json"  # in the trainer's output_dir: the settings its checkpoints belong to
 DEFAULT_THREADS = 1
 
@@ -121,21 +126,21 @@ class DemoConfig:
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
-    # Stage 0: the vision tower (see ferret.train.tower_pretraining). 1,000 steps (was 1,500) and 1,000 training steps (was
-    # 1,500) with bf16 autocast keep `make demo` within 12 minutes on one core.
-    tower_steps: int = 1000
+    # Stage 0: the vision tower (see ferret.train.tower_pretraining). 800 stage-0 and 900 training steps under bf16
+    # autocast keep `make demo` within 12 minutes on one core, also beside another CPU-heavy job.
+    tower_steps: int = 800
     tower_batch_size: int = 64
     tower_learning_rate: float = 5e-3
     tower_box_weight: float = 0.5
-    tower_digit_weight: float = 0.0
+    tower_digit_weight: float = 1.0
     # Training.
-    max_steps: int = 1000
+    max_steps: int = 900
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     # The trainer's --loss_average: "sample" weighs a one-word yes/no answer as much as a described image.
-    loss_average: str = "token"
+    loss_average: str = "sample"
     seed: int = 0
     logging_steps: int = 10
     # A resumable checkpoint every this many steps (0: a sixth of max_steps, at least 25).
@@ -476,11 +481,13 @@ def prepare(out_dir: Path, config: DemoConfig, stages: Stages | None = None) -> 
     return Prepared(world_dir.resolve(), tokenizer_dir.resolve(), model_config.resolve(), tower.resolve(), facts)
 
 
-def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_feature: bool = True) -> list[str]:
+def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_feature: bool = True,
+               keep_checkpoints: bool = False) -> list[str]:
     """The `python -m ferret.train.train` command line of the demo run.
 
-    Checkpoints every `DemoConfig.checkpoint_every` steps (the last one kept) and resumes from the latest one in
-    ``output_dir`` (the trainer's default); deterministic algorithms and a seeded data order."""
+    Checkpoints every `DemoConfig.checkpoint_every` steps (the last one kept, or all with ``keep_checkpoints``) and
+    resumes from the latest one in ``output_dir`` (the trainer's default); deterministic algorithms and a seeded
+    data order."""
     return [
         "--init_config", str(prepared.model_config),
         "--vision_tower", str(prepared.vision_tower),
@@ -501,7 +508,7 @@ def train_args(prepared: Prepared, output_dir: Path, config: DemoConfig, region_
         "--logging_steps", str(config.logging_steps),
         "--save_strategy", "steps",
         "--save_steps", str(config.checkpoint_every),
-        "--save_total_limit", "1",
+        *(() if keep_checkpoints else ("--save_total_limit", "1")),
         "--report_to", "tensorboard",
         "--seed", str(config.seed),
         "--data_seed", str(config.seed),
@@ -520,7 +527,8 @@ def _run_stamp(argv: list[str], config: DemoConfig) -> dict[str, Any]:
     return {"argv": argv, "threads": config.threads}
 
 
-def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature: bool = True) -> dict[str, Any]:
+def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature: bool = True,
+          keep_checkpoints: bool = False) -> dict[str, Any]:
     """Trains through `ferret.train.train.main` and copies the final model to ``run_dir/checkpoint``.
 
     An earlier run with the same settings is resumed from its latest checkpoint (a finished one only publishes its
@@ -532,7 +540,7 @@ def train(prepared: Prepared, run_dir: Path, config: DemoConfig, region_feature:
     from ferret.train.train import main as train_main
 
     output_dir = run_dir / "train"
-    argv = train_args(prepared, output_dir, config, region_feature)
+    argv = train_args(prepared, output_dir, config, region_feature, keep_checkpoints)
     stamp, stamp_file = _run_stamp(argv, config), output_dir / RUN_STAMP
     if output_dir.exists() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
         shutil.rmtree(output_dir)
@@ -635,6 +643,60 @@ def evaluate(checkpoint: Path, world_dir: Path, run_dir: Path, config: DemoConfi
 def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
     summary = metrics["summary"]
     return {name: summary.get(name) for name in HEADLINE}
+
+
+def metric_curve(prepared: Prepared, out_dir: Path, config: DemoConfig, final: dict[str, Any]) -> dict[int, dict]:
+    """The headline metrics of every checkpoint the training kept (``train/checkpoint-N``), each evaluated on the
+    whole test split into ``curve/step-N/``, plus ``final`` (the finished run's, at ``max_steps``); writes and
+    returns ``curve.json``: step -> metrics."""
+    from ferret.train.trainer import CHECKPOINT_RE
+
+    steps = sorted(int(m.group(1)) for m in (CHECKPOINT_RE.match(p.name) for p in (out_dir / "train").iterdir())
+                   if m and int(m.group(1)) < config.max_steps)
+    curve = {}
+    for step in steps:
+        run_dir = out_dir / "curve" / f"step-{step}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        curve[step] = headline(evaluate(out_dir / "train" / f"checkpoint-{step}", prepared.world_dir, run_dir,
+                                        config))
+    curve[config.max_steps] = dict(final)
+    (out_dir / "curve.json").write_text(json.dumps({str(k): v for k, v in curve.items()}, indent=2) + "\n")
+    return curve
+
+
+# The targets the toy recipe is measured against (fractions), drawn on the metric curve.
+TARGETS = {"refer_point_accuracy": 0.92, "refer_box_accuracy": 0.92, "refer_free_form_accuracy": 0.92,
+           "ground_acc@0.5": 0.85, "describe_recall@0.5": 0.75, "yesno_accuracy": 0.90}
+
+
+def plot_metric_curve(curve: dict[int, dict[str, float | None]], path: Path) -> Path:
+    """Each headline metric (%) against the training step (`metric_curve`), its target as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(curve)
+    fig, ax = plt.subplots(figsize=(8, 4.4), dpi=110, layout="constrained")
+    plotted = [m for m in HEADLINE if m not in ("refer_accuracy", "probe_ground_same_box", "probe_name_token_tv")]
+    for i, metric in enumerate(plotted):
+        points = [(step, 100 * curve[step][metric]) for step in steps if curve[step].get(metric) is not None]
+        if not points:
+            continue
+        color = f"C{i}"
+        ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=metric)
+        if metric in TARGETS:
+            ax.axhline(100 * TARGETS[metric], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("toy test split (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title("Metrics of the checkpoints along one run (dotted: the targets)", fontsize=10)
+    fig.legend(fontsize=7, loc="outside right upper")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -852,7 +914,8 @@ def summary_table(runs: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def plan_stages(config: DemoConfig, out_dir: Path, ablation: bool = False) -> dict[str, tuple[str, float]]:
+def plan_stages(config: DemoConfig, out_dir: Path, ablation: bool = False,
+                curve: bool = False) -> dict[str, tuple[str, float]]:
     """Each stage's title and expected seconds on an idle core (`SECONDS_PER`), before looking at any cache."""
     s = {k: v * (1.0 if config.bf16 else FP32_SLOWDOWN.get(k, 1.0)) for k, v in SECONDS_PER.items()}
     world = config.num_train * s["world_record"] + config.num_test * s["world_record"]
@@ -866,6 +929,9 @@ def plan_stages(config: DemoConfig, out_dir: Path, ablation: bool = False) -> di
         "train": ("train Ferret (ferret.train.train)", train),
         "eval": ("evaluate on the test split (ferret.eval.toy)", evaluate),
     }
+    if curve:
+        checkpoints = max(0, -(-config.max_steps // config.checkpoint_every) - 1)
+        plan["curve"] = ("evaluate every checkpoint (the metric curve)", checkpoints * evaluate)
     if ablation:
         plan["train_off"] = ("train again without region features", train)
         plan["eval_off"] = ("evaluate that run", evaluate)
@@ -888,7 +954,7 @@ def normal_modes(folder: Path) -> int:
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None = None, *,
-             figs_dir: str | os.PathLike | None = None, ablation: bool = False, out=None,
+             figs_dir: str | os.PathLike | None = None, ablation: bool = False, curve: bool = False, out=None,
              **overrides: Any) -> dict[str, Any]:
     """Builds the world, trains, evaluates, draws; returns what ``metrics.json`` holds (plus ``ablation``).
 
@@ -899,13 +965,13 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", config: DemoConfig | None
 
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        return _run_demo(out_dir, config, figs_dir=figs_dir, ablation=ablation, out=out, **overrides)
+        return _run_demo(out_dir, config, figs_dir=figs_dir, ablation=ablation, curve=curve, out=out, **overrides)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[str, Any]:
+def _run_demo(out_dir, config, *, figs_dir, ablation, curve, out, **overrides) -> dict[str, Any]:
     config = dataclasses.replace(config or DemoConfig(), **overrides)
     out = out if out is not None else sys.stdout
     out_dir = Path(out_dir)
@@ -923,14 +989,14 @@ def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[
           + (" - other jobs are running, expect longer times" if load > 0.5 else ""), file=out, flush=True)
     print(f"precision: {'bf16 autocast (the CPU has native bf16)' if config.bf16 else 'fp32'} "
           f"(--precision to change)", file=out, flush=True)
-    stages = Stages(plan_stages(config, out_dir, ablation), out=out)
+    stages = Stages(plan_stages(config, out_dir, ablation, curve), out=out)
     total_start = time.perf_counter()
 
     prepared = prepare(out_dir, config, stages)
     world_dir = prepared.world_dir
     stages.begin("train", f"{config.max_steps:,} steps of batch {config.batch_size}, a checkpoint every "
                           f"{config.checkpoint_every}; tensorboard --logdir {_display(out_dir / 'train' / 'runs')}")
-    training = train(prepared, out_dir, config, region_feature=True)
+    training = train(prepared, out_dir, config, region_feature=True, keep_checkpoints=curve)
     stages.end(f"{training['seconds_per_step']:.3f} s/step")
     checkpoint = out_dir / CHECKPOINT_DIR
     stages.begin("eval", f"{config.num_test:,} test questions, greedy")
@@ -948,6 +1014,10 @@ def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[
         "config": dataclasses.asdict(config),
     }
     histories = {"region features on": training_history(out_dir / "train")}
+    if curve:
+        stages.begin("curve", f"every {config.checkpoint_every} steps")
+        result["curve"] = metric_curve(prepared, out_dir, config, headline(scores))
+        stages.end()
 
     if ablation:
         off_dir = out_dir / "ablation_no_region_feature"
@@ -971,6 +1041,8 @@ def _run_demo(out_dir, config, *, figs_dir, ablation, out, **overrides) -> dict[
     stages.begin("figures", _display(figs_dir))
     plot_training_curve(histories, figs_dir / FIGURES[0])
     plot_grounding_examples(world_dir, out_dir / ANSWERS_FILE, figs_dir / FIGURES[1])
+    if curve:
+        plot_metric_curve(result["curve"], figs_dir / CURVE_FIGURE)
     stages.end()
     result["total_seconds"] = round(time.perf_counter() - total_start, 1)
     result["stage_seconds"] = {k: round(v, 1) for k, v in stages.done.items()}
@@ -1073,6 +1145,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--ablation", action="store_true",
                         help="also train without region features (coordinates only) and compare")
+    parser.add_argument("--curve", action="store_true",
+                        help="keep every checkpoint, evaluate each on the test split and draw the metrics against "
+                             "the step (OUT/curve.json, figs/toy_metric_curve.png)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="run once per seed into OUT/seed-SEED/ and print the mean ± sd of the metrics "
                              "(OUT/seeds.json); finished seeds are reused")
@@ -1114,7 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         run_seeds(args.out or out + "-seeds", args.seeds, config, ablation=args.ablation)
         return 0
-    run_demo(out, config, figs_dir=args.figs, ablation=args.ablation)
+    run_demo(out, config, figs_dir=args.figs, ablation=args.ablation, curve=args.curve)
     return 0
 
 

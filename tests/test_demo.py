@@ -344,3 +344,17 @@ def test_box_digits_are_the_hundreds_and_tens_the_model_writes():
     boxes = np.asarray([[10 / 56, 0, 28 / 56, 1], [0, 0, 0, 0]], dtype=np.float32)
     digits = box_digits(boxes, 56, 56)
     assert digits.tolist() == [[1, 7, 0, 0, 4, 8, 9, 8], [0] * 8]
+
+
+def test_metric_curve_figure_draws_each_metric_and_its_target(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ferret.demo import HEADLINE, TARGETS, plot_metric_curve
+
+    curve = {300: {m: 0.2 for m in HEADLINE}, 600: {m: 0.4 for m in HEADLINE}, 900: {m: 0.6 for m in HEADLINE}}
+    curve[600]["yesno_accuracy"] = None  # a checkpoint without the metric: no point there
+    path = plot_metric_curve(curve, tmp_path / "curve.png")
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape == (484, 880, 3)
+    assert set(TARGETS) <= set(HEADLINE) and all(0 < t < 1 for t in TARGETS.values())
