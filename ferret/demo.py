@@ -126,13 +126,13 @@ class DemoConfig:
     num_init_point: int = 32
     num_sub_point: tuple[int, ...] = (8, 4)
     num_neighbor: tuple[int, ...] = (4, 4)
-    # Stage 0: the vision tower (see ferret.train.tower_pretraining). 800 stage-0 and 900 training steps under bf16
+    # Stage 0: the vision tower (see ferret.train.tower_pretraining). 1,000 stage-0 and 900 training steps under bf16
     # autocast keep `make demo` within 12 minutes on one core, also beside another CPU-heavy job.
-    tower_steps: int = 800
+    tower_steps: int = 1000
     tower_batch_size: int = 64
     tower_learning_rate: float = 5e-3
     tower_box_weight: float = 0.5
-    tower_digit_weight: float = 1.0
+    tower_digit_weight: float = 0.5
     # Training.
     max_steps: int = 900
     batch_size: int = 16
