@@ -20,7 +20,14 @@ def test_run_demo_writes_every_output(tmp_path):
 
     out = tmp_path / "demo"
     figs = out / "figs"
-    result = run_demo(out, **TINY)
+    result = run_demo(out, curve=True, **{**TINY, "save_steps": 2})
+
+    # --curve: the kept checkpoint (step 2) evaluated on the test split, and the final model (step 4).
+    curve = json.loads((out / "curve.json").read_text())
+    assert list(curve) == ["2", "4"] and curve["4"] == {key: result[key] for key in HEADLINE}
+    assert (out / "curve" / "step-2" / "test_answers.jsonl").is_file()
+    assert (out / "train" / "checkpoint-2").is_dir() and (out / "train" / "checkpoint-4").is_dir()
+    assert _png(figs / "toy_metric_curve.png").size == (880, 484)
 
     tower_dir = out / "vision_tower" / result["vision_tower"]["key"]
     for path in ("metrics.json", "test_answers.jsonl", "model_config.json", "train/trainer_state.json",
