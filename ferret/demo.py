@@ -139,8 +139,9 @@ class DemoConfig:
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
-    # The trainer's --loss_average: "sample" weighs a one-word yes/no answer as much as a described image.
-    loss_average: str = "sample"
+    # The trainer's --loss_average. "token" (the original's); "sample" weighs a one-word answer as much as a
+    # described image, and measured worse here (3 seeds: grounding 33% vs 64%, description recall 24% vs 45%).
+    loss_average: str = "token"
     seed: int = 0
     logging_steps: int = 10
     # A resumable checkpoint every this many steps (0: a sixth of max_steps, at least 25).
