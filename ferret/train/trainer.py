@@ -216,7 +216,9 @@ class FerretTrainer(Trainer):
         if per_sample:
             has = counts > 0
             loss = means[has].mean() if bool(has.any()) else outputs.loss
-        for task, value, count in zip(tasks or (), means.detach().tolist(), counts.tolist()):
+        if not any(tasks or ()):
+            return (loss, outputs) if return_outputs else loss
+        for task, value, count in zip(tasks, means.detach().tolist(), counts.tolist()):  # one device sync
             if task is not None and count > 0:
                 entry = self._task_loss.setdefault(task, [0.0, 0])
                 entry[0] += value
